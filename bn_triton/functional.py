@@ -1,0 +1,94 @@
+"""bn_triton.batch_norm: torch.nn.functional.batch_norm's signature, semantics and errors,
+computed by the Triton kernels."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .dispatch import TORCH, backend
+from .function import BatchNormFunction
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
+               running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """Drop-in for torch.nn.functional.batch_norm.
+
+    Runs the Triton kernels where bn_triton.backend(input) says so, torch's op otherwise. Bad
+    arguments raise torch's exception types before any kernel runs or any buffer is written."""
+    if backend(input) == TORCH:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    return apply_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps)
+
+
+def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tensor],
+                          running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                          bias: Optional[torch.Tensor], training: bool, eps: float) -> None:
+    """Raise what torch.nn.functional.batch_norm raises for these arguments, or nothing."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if training:
+        size = input.size()
+        values_per_channel = size[0] * (torch.Size(size[2:]).numel() if input.dim() > 2 else 1)
+        if values_per_channel == 1:
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {size}")
+        if not eps > 0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if input.dtype not in _FLOAT_DTYPES:
+        type_name = {torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+                     torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool"}.get(
+                         input.dtype, str(input.dtype).replace("torch.", ""))
+        raise NotImplementedError(f'"batch_norm" not implemented for \'{type_name}\'')
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    channels = input.size(1) if input.dim() > 1 else 0
+    params = {"weight": weight, "bias": bias, "running_mean": running_mean,
+              "running_var": running_var}
+    given = {name: t for name, t in params.items() if t is not None}
+    for name, t in given.items():
+        if t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+        if t.dim() != 1:
+            raise RuntimeError(f"{name} should be a 1-D tensor of {channels} elements, "
+                               f"got shape {tuple(t.shape)}")
+    if input.dim() < 2:
+        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
+    for name, t in given.items():
+        if t.device != input.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is on "
+                               f"{t.device} and input is on {input.device}")
+    param_dtypes = {t.dtype for t in given.values()}
+    allowed = {input.dtype, torch.float32} if input.dtype in _HALF_DTYPES else {input.dtype}
+    if len(param_dtypes) > 1 or not param_dtypes <= allowed:
+        found = ", ".join(f"{name}={t.dtype}" for name, t in given.items())
+        raise RuntimeError(f"mixed dtype: weight, bias, running_mean and running_var must share "
+                           f"one dtype, the input's ({input.dtype})"
+                           f"{' or float32' if input.dtype in _HALF_DTYPES else ''}; got {found}")
+
+
+def apply_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
+                     running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], training: bool, momentum: Optional[float],
+                     eps: float, num_batches_tracked: Optional[torch.Tensor] = None
+                     ) -> torch.Tensor:
+    """Batch norm of checked arguments. momentum=None takes the running-average factor
+    1/num_batches_tracked on the device (the modules' momentum=None)."""
+    if input.numel() == 0:
+        # Nothing to launch. torch's op gives the empty output, zero dγ/dβ and the running
+        # statistics exactly as torch leaves them on this device.
+        if momentum is None:
+            momentum = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps)
+    x = ops.kernel_ready(input)
+    return BatchNormFunction.apply(x, weight, bias, running_mean, running_var,
+                                   num_batches_tracked, training, momentum, eps)

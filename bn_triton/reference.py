@@ -1,0 +1,86 @@
+"""The paper's algorithm written plainly in float64 PyTorch: the oracle of the tests.
+
+S. Ioffe and C. Szegedy, Batch Normalization, arXiv:1502.03167.
+- Algorithm 1 (training): over a mini-batch B = {x_1..m} of one channel
+      μ_B = (1/m) Σ x_i,   σ²_B = (1/m) Σ (x_i - μ_B)²,   x̂_i = (x_i - μ_B)/sqrt(σ²_B + ε),
+      y_i = γ·x̂_i + β.
+- Inference (section 3.1, Algorithm 2 lines 8-11): y = γ·(x - E[x])/sqrt(Var[x] + ε) + β with
+  population estimates; like torch, those are running averages, Var from the unbiased
+  m/(m-1)·σ²_B.
+The backward is autograd's derivative of these formulas, in float64.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+
+def _per_channel(t: Optional[torch.Tensor], ndim: int) -> Optional[torch.Tensor]:
+    """A (C,) tensor as float64, shaped to broadcast against (N, C, *spatial)."""
+    return None if t is None else t.double().reshape([1, -1] + [1] * (ndim - 2))
+
+
+def batch_statistics(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """μ_B and the biased σ²_B of every channel (dim 1), in float64: Algorithm 1 lines 1-2."""
+    x = x.double()
+    dims = [d for d in range(x.dim()) if d != 1]
+    m = x.numel() // x.size(1)
+    mean = x.sum(dims) / m
+    centred = x - _per_channel(mean, x.dim())
+    return mean, (centred * centred).sum(dims) / m
+
+
+def batch_norm_train(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                     bias: Optional[torch.Tensor] = None, eps: float = 1e-5
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, μ_B, σ²_B) of Algorithm 1 in float64; differentiable in x, weight and bias."""
+    mean, var = batch_statistics(x)
+    x_hat = (x.double() - _per_channel(mean, x.dim())) / torch.sqrt(
+        _per_channel(var, x.dim()) + eps)
+    return _scale_shift(x_hat, weight, bias), mean, var
+
+
+def batch_norm_infer(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                     weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                     eps: float = 1e-5) -> torch.Tensor:
+    """The inference transform with fixed statistics, in float64."""
+    x_hat = (x.double() - _per_channel(running_mean, x.dim())) / torch.sqrt(
+        _per_channel(running_var, x.dim()) + eps)
+    return _scale_shift(x_hat, weight, bias)
+
+
+def _scale_shift(x_hat: torch.Tensor, weight: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+    y = x_hat
+    if weight is not None:
+        y = y * _per_channel(weight, x_hat.dim())
+    if bias is not None:
+        y = y + _per_channel(bias, x_hat.dim())
+    return y
+
+
+def updated_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
+                          mean: torch.Tensor, var: torch.Tensor, m: int, factor: float
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """torch's running averages after one batch of m values per channel, in float64:
+    r ← (1 - f)·r + f·stat, with the unbiased variance m/(m-1)·σ²_B."""
+    new_mean = (1 - factor) * running_mean.double() + factor * mean.double()
+    new_var = (1 - factor) * running_var.double() + factor * var.double() * m / (m - 1)
+    return new_mean, new_var
+
+
+def batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor],
+               running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """torch.nn.functional.batch_norm's contract in float64: returns y (float64) and, in
+    training, overwrites running_mean/running_var (if given) with their updated values."""
+    if not training:
+        return batch_norm_infer(x, running_mean, running_var, weight, bias, eps)
+    y, mean, var = batch_norm_train(x, weight, bias, eps)
+    if running_mean is not None:
+        new_mean, new_var = updated_running_stats(running_mean, running_var, mean.detach(),
+                                                  var.detach(), x.numel() // x.size(1), momentum)
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return y

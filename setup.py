@@ -1,0 +1,18 @@
+from setuptools import setup
+
+setup(
+    name="bn_triton",
+    version="0.1.0",
+    description="Batch Normalization (arXiv:1502.03167) as Triton kernels with a drop-in "
+                "PyTorch front end",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # The kernels live in kernels/ at the root and install as bn_triton.kernels only: a
+    # top-level `kernels` package would clash with another project of that name on PyPI.
+    packages=["bn_triton", "bn_triton.kernels"],
+    package_dir={"bn_triton": "bn_triton", "bn_triton.kernels": "kernels"},
+    # torch 2.11 / triton 3.6 (the GPU machines) up to torch 2.13 / triton 3.9 (here).
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    extras_require={"test": ["pytest", "pytest-benchmark"]},
+)
