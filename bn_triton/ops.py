@@ -165,7 +165,8 @@ def normalize(x: torch.Tensor, y: torch.Tensor, plan: Plan, weight: Optional[tor
     normalize_kernel[plan.grid](
         x, y, weight, bias, mean, invstd, part_mean, part_m2, running_mean, running_var,
         num_batches_tracked, **plan.tile_args(), M=plan.M,
-        momentum=0.0 if momentum is None else float(momentum), eps=float(eps),
+        **_float64_pair("momentum", 0.0 if momentum is None else momentum),
+        **_float64_pair("eps", eps),
         **_strides("x", plan.strides[0]), **_strides("y", plan.strides[1]),
         BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2,
         BATCH_STATS=batch_stats, UPDATE_RUNNING=update_running,
@@ -204,6 +205,14 @@ def input_grad(x: torch.Tensor, dy: torch.Tensor, dx: Optional[torch.Tensor], pl
         HAS_WEIGHT=weight is not None, WRITE_GRAD_WEIGHT=grad_weight is not None,
         WRITE_GRAD_BIAS=grad_bias is not None, WRITE_GRAD_INPUT=dx is not None,
         INT64=plan.INT64, num_warps=NUM_WARPS)
+
+
+def _float64_pair(name: str, value: float) -> dict:
+    """value as float32 + float32 remainder (Triton passes Python floats as float32): the
+    float64 kernels add both back and see the float64 value to 2⁻⁴⁸ relative."""
+    value = float(value)
+    high = float(torch.tensor(value, dtype=torch.float32))
+    return {name: high, f"{name}_lo": value - high}
 
 
 def _strides(name: str, strides: Strides) -> dict:
