@@ -15,20 +15,7 @@ import torch  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-# Forward tolerances against the float64 reference (and torch), keyed by input dtype:
-# (atol, rtol). float32: the stored mean is rounded to float32 and y = (x - mean)·scale + β,
-# measured ≤ 1e-6 on N(0,1) data. Half types: one rounding of y on store, 2⁻¹¹ (fp16) and
-# 2⁻⁸ (bf16) relative, on |y| up to ~5.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (4e-3, 2e-3),
-    torch.bfloat16: (3e-2, 1.6e-2),
-}
-# Statistics (mean, var, running buffers) are float32 even for half input: only the input's
-# own rounding matters, so they take the float32 tolerance.
-STAT_TOLERANCES = {dtype: (1e-5, 1e-5) for dtype in (torch.float32, torch.float16, torch.bfloat16)}
-STAT_TOLERANCES[torch.float64] = (1e-10, 1e-10)
+from bn_triton.check import STAT_TOLERANCES, TOLERANCES  # noqa: E402  (one table)
 
 
 def tolerance(dtype: torch.dtype) -> dict:
