@@ -33,7 +33,7 @@ def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tens
                           running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                           bias: Optional[torch.Tensor], training: bool, eps: float) -> None:
     """Raise what torch.nn.functional.batch_norm raises for these arguments, or nothing."""
-    if (running_mean is None) != (running_var is None):
+    if training and (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if training:
         size = input.size()
@@ -48,8 +48,10 @@ def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tens
                      torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool"}.get(
                          input.dtype, str(input.dtype).replace("torch.", ""))
         raise NotImplementedError(f'"batch_norm" not implemented for \'{type_name}\'')
-    if not training and running_mean is None:
-        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if not training:
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
     channels = input.size(1) if input.dim() > 1 else 0
     params = {"weight": weight, "bias": bias, "running_mean": running_mean,
               "running_var": running_var}
