@@ -1,0 +1,215 @@
+"""Every kernel compiled by Triton's real compiler for sm_80 and sm_90, and its code read.
+
+No GPU needed: tests/compile_kernels.py runs in one subprocess without TRITON_INTERPRET, calls
+bn_triton's front end on meta tensors with launches recorded instead of run (so the block sizes
+come from ops.make_plan and the flags from the call, as on a GPU), compiles each distinct launch
+specialization with triton.compile for GPUTarget("cuda", 80 | 90, 32), and reads ptxas -v and
+the PTX. Asserted:
+  - every launch compiles, for every target its scenario names;
+  - ptxas reports no spill stores or loads;
+  - on sm_90, for aligned contiguous NCHW-like input (S a multiple of 16, so every stride is; no
+    storage offset) in float32, float16 or bfloat16, the tile loop of every streaming kernel
+    moves x/dy with 128-bit global loads only, and writes y/dx with 128-bit stores only.
+Run with -s to see the registers / spills / access widths table.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bn_triton.kernels
+
+HERE = Path(__file__).resolve().parent
+BOTH = (80, 90)
+SM90 = (90,)
+# One call of the front end = forward, then backward for `grads` (dx, dγ, dβ). TRAIN is
+# nn.BatchNorm2d's training step: affine, running stats with momentum 0.1, every gradient.
+TRAIN = dict(training=True, running=True, momentum=0.1, weight=True, bias=True,
+             grads=(True, True, True))
+ALL_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def scenario(name, shape, dtype, targets, **call):
+    return dict(TRAIN, name=name, shape=list(shape), dtype=dtype, targets=list(targets), **call)
+
+
+# ResNet-50's first BN2d: S = 56·56 = 3136 = 16·196, so every stride is a multiple of 16.
+RESNET = (32, 64, 56, 56)
+SCENARIOS = [
+    *[scenario(f"nchw-{dtype}", RESNET, dtype, BOTH) for dtype in ALL_DTYPES],
+    *[scenario(f"nhwc-{dtype}", RESNET, dtype, BOTH, layout="channels_last")
+      for dtype in ALL_DTYPES],
+    # Half input with float32 weight, bias and running stats (autocast's BatchNorm).
+    *[scenario(f"nchw-{dtype}-fp32-params", RESNET, dtype, BOTH, param_dtype="float32")
+      for dtype in ("float16", "bfloat16")],
+    # BN1d of an MLP: 2-D input, the batch merges into S and lanes run along C.
+    scenario("mlp-float32", (256, 4096), "float32", BOTH),
+    scenario("mlp-bfloat16", (256, 4096), "bfloat16", SM90),
+    # BN1d on (N, C, L), few channels and long rows: many splits per channel.
+    scenario("seq-float32", (20, 6, 65536), "float32", BOTH),
+    scenario("seq-bfloat16", (20, 6, 65536), "bfloat16", SM90),
+    # 7x7 maps of ResNet-50's last stage: short rows, BLOCK_C > 1 along the strided dim.
+    scenario("late-float32", (32, 2048, 7, 7), "float32", BOTH),
+    scenario("late-bfloat16", (32, 2048, 7, 7), "bfloat16", SM90),
+    # Odd sizes: nothing is a multiple of 16, masks on both axes.
+    scenario("odd-float32", (3, 5, 7, 11), "float32", BOTH),
+    scenario("odd-float16", (3, 5, 7, 11), "float16", SM90),
+    # x one element past an aligned address (a view like flat[1:]): an unaligned pointer.
+    scenario("offset-float32", (8, 16, 16, 16), "float32", BOTH, offset=1),
+    scenario("offset-bfloat16", (8, 16, 16, 16), "bfloat16", SM90, offset=1),
+    # Past 2³¹ elements: INT64 offsets.
+    scenario("huge-float32", (3, 64, 4096, 4096), "float32", BOTH),
+    scenario("huge-bfloat16", (3, 64, 4096, 4096), "bfloat16", SM90),
+    scenario("huge-nhwc-float32", (3, 64, 4096, 4096), "float32", SM90, layout="channels_last"),
+    # BN3d on channels_last_3d video activations.
+    scenario("video-nhwc-float32", (16, 64, 8, 28, 28), "float32", SM90, layout="channels_last"),
+    # x NCHW but dy channels_last (a permuted upstream gradient): dy read through its strides.
+    scenario("mixed-dy-float32", RESNET, "float32", SM90, dy_layout="channels_last"),
+]
+# The flag combinations normalize_kernel and input_grad_kernel are launched with, beyond TRAIN.
+MODES = {
+    # model.eval() while training the affine parameters: running stats, dγ/dβ from partials.
+    "eval": dict(training=False),
+    # Eval, dx only: constant statistics, no partial sums, a single launch.
+    "eval-dx": dict(training=False, grads=(True, False, False)),
+    # Eval without affine parameters.
+    "eval-plain": dict(training=False, weight=False, bias=False, grads=(True, False, False)),
+    # momentum=None: the cumulative average, 1/num_batches_tracked read on the device.
+    "cumulative": dict(momentum=None, weight=False, bias=False, grads=(True, False, False)),
+    # track_running_stats=False, weight without bias, dγ only (no dx launch tiles).
+    "no-running": dict(running=False, bias=False, grads=(False, True, False)),
+    # dβ only.
+    "bias-grad": dict(grads=(False, False, True)),
+}
+for mode, call in MODES.items():
+    SCENARIOS.append(scenario(f"{mode}-float32", RESNET, "float32", BOTH, **call))
+    SCENARIOS.append(scenario(f"{mode}-bfloat16", RESNET, "bfloat16", SM90,
+                              param_dtype="float32", **call))
+
+CASES = [(s, cc) for s in SCENARIOS for cc in s["targets"]]
+STREAMING = {"welford_partials_kernel", "normalize_kernel", "dy_partials_kernel",
+             "input_grad_kernel"}
+STORES_IN_LOOP = {"normalize_kernel", "input_grad_kernel"}
+
+
+def aligned_nchw(s) -> bool:
+    """Contiguous NCHW-like x and dy whose strides are all multiples of 16 elements, at an
+    aligned address, in a type of at most 32 bits: a 128-bit access holds 4 or 8 values."""
+    S = math.prod(s["shape"][2:])
+    return (len(s["shape"]) > 2 and S % 16 == 0 and s.get("layout", "contiguous") == "contiguous"
+            and s.get("dy_layout", "contiguous") == "contiguous" and not s.get("offset", 0)
+            and s["dtype"] != "float64")
+
+
+VECTOR_CASES = [s for s in SCENARIOS if aligned_nchw(s) and 90 in s["targets"]]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """The subprocess's results: scenarios -> launch keys, specs, results[key][cc]."""
+    tmp = tmp_path_factory.mktemp("compile")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp / "cache"))
+    request = json.dumps({"scenarios": SCENARIOS, "dump_dir": str(tmp)})
+    proc = subprocess.run([sys.executable, str(HERE / "compile_kernels.py")], input=request,
+                          capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=900)
+    assert proc.returncode == 0, f"compile_kernels.py failed:\n{proc.stderr[-6000:]}"
+    result = json.loads(proc.stdout)
+    print(f"\nTriton {result['triton']}; PTX in {tmp}\n{table(result)}")
+    return result
+
+
+def table(result) -> str:
+    """One row per launch and target: x's type, tile, flags set (initials), registers, spill
+    bytes, and the global loads / stores of the tile loop as count x bits (whole kernel, in
+    brackets, for a kernel without a loop)."""
+    rows = [f"{'launch':27} {'x':5} {'tile':8} {'flags':22} {'cc':>3} {'regs':>4} {'spill':>5}"
+            "  loop ld / st"]
+    for key, spec in result["specs"].items():
+        consts = spec["constexprs"]
+        flags = " ".join("".join(word[0] for word in k.split("_")) if k != "INT64" else "I64"
+                         for k, v in consts.items() if v is True)
+        tile = f"{consts['BLOCK_C']}x{consts['BLOCK_S']}"
+        x_type = spec["signature"]["x_ptr"].lstrip("*")
+        for cc, r in result["results"][key].items():
+            if not r["ok"]:
+                rows.append(f"{key:27} {x_type:5} {tile:8} {flags:22} {cc:>3} FAILED")
+                continue
+            # Without a loop (tiles_per_split == 1 is specialized to a constant) the whole
+            # kernel's accesses, in brackets.
+            kinds = ("loop_ld", "loop_st") if r["loops"] else ("ld", "st")
+            widths = [",".join(f"{n}x{w}" for w, n in sorted(r[kind].items())) or "-"
+                      for kind in kinds]
+            if not r["loops"]:
+                widths = [f"[{w}]" for w in widths]
+            rows.append(f"{key:27} {x_type:5} {tile:8} {flags:22} {cc:>3} {r['registers']:>4} "
+                        f"{r['spill_stores'] + r['spill_loads']:>5}  {widths[0]} / {widths[1]}")
+    return "\n".join(rows)
+
+
+def launches(compiled, s, cc):
+    """(key, spec, result) of each launch of scenario s for target cc."""
+    keys = compiled["scenarios"][s["name"]]
+    assert keys, f"{s['name']}: no kernel was launched"
+    return [(key, compiled["specs"][key], compiled["results"][key][str(cc)]) for key in keys]
+
+
+def test_every_kernel_compiled_for_both_targets(compiled):
+    for name in bn_triton.kernels.__all__:
+        for cc in BOTH:
+            assert any(spec["kernel"] == name and str(cc) in compiled["results"][key]
+                       for key, spec in compiled["specs"].items()), f"{name} not built for sm_{cc}"
+
+
+FLAGS = {
+    "welford_partials_kernel": ("INT64",),
+    "dy_partials_kernel": ("INT64",),
+    "normalize_kernel": ("BATCH_STATS", "UPDATE_RUNNING", "MOMENTUM_FROM_COUNT", "HAS_WEIGHT",
+                         "HAS_BIAS", "INT64"),
+    "input_grad_kernel": ("HAS_PARTIALS", "BATCH_STATS", "HAS_WEIGHT", "WRITE_GRAD_WEIGHT",
+                          "WRITE_GRAD_BIAS", "WRITE_GRAD_INPUT", "INT64"),
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(FLAGS))
+def test_scenarios_reach_every_flag_value(compiled, kernel):
+    """The scenarios drive each code-changing flag both ways (a guard on the matrix itself)."""
+    specs = [spec for spec in compiled["specs"].values() if spec["kernel"] == kernel]
+    for flag in FLAGS[kernel]:
+        seen = {spec["constexprs"].get(flag, "absent") for spec in specs}
+        assert seen == {True, False}, f"{kernel}.{flag} only compiled with {seen}"
+
+
+@pytest.mark.parametrize("s, cc", CASES, ids=[f"{s['name']}-sm{cc}" for s, cc in CASES])
+def test_compiles_without_spills(compiled, s, cc):
+    for key, spec, r in launches(compiled, s, cc):
+        assert r["ok"], f"{key} ({spec['constexprs']}) fails to compile for sm_{cc}:\n{r['error']}"
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (
+            f"{key} spills on sm_{cc}: {r['registers']} registers, {r['spill_stores']} bytes "
+            f"spill stores, {r['spill_loads']} bytes spill loads\n{r['ptxas_log']}")
+
+
+@pytest.mark.parametrize("s", VECTOR_CASES, ids=[s["name"] for s in VECTOR_CASES])
+def test_tile_loops_use_128_bit_accesses_on_sm90(compiled, s):
+    checked = 0
+    for key, spec, r in launches(compiled, s, 90):
+        assert r["ok"], f"{key} fails to compile for sm_90:\n{r['error']}"
+        if spec["kernel"] not in STREAMING or spec["constexprs"].get("WRITE_GRAD_INPUT") is False:
+            continue  # input_grad_kernel without dx writes dγ/dβ only: no tile loop
+        if spec["constexprs"].get("tiles_per_split") == 1:
+            continue  # one tile per program: Triton specializes the 1, no loop is left
+        checked += 1
+        where = f"{key} on sm_90 ({r.get('ptx_path')}); loop accesses:\n" + "\n".join(
+            r["loop_lines"])
+        assert r["loops"] >= 1, f"{key}: no tile loop found in the PTX"
+        assert r["loop_ld"] and set(r["loop_ld"]) == {"128"}, (
+            f"loads in the tile loop are {r['loop_ld']} (bits: count), not all 128-bit: {where}")
+        if spec["kernel"] in STORES_IN_LOOP:
+            assert r["loop_st"] and set(r["loop_st"]) == {"128"}, (
+                f"stores in the tile loop are {r['loop_st']} (bits: count), not all 128-bit: "
+                f"{where}")
+    assert checked, f"{s['name']}: no launch with a tile loop to check"
