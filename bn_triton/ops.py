@@ -15,26 +15,37 @@ from typing import Optional, Sequence, Tuple
 import torch
 import triton
 
-from .kernels import (dy_partials_kernel, input_grad_kernel, normalize_kernel,
-                      welford_partials_kernel)
+from .kernels import (backward_slab_kernel, batch_stats_kernel, dy_sums_kernel,
+                      forward_slab_kernel, input_grad_kernel, normalize_kernel)
 
 Strides = Tuple[int, int, int]
 
-# Values in one [BLOCK_C, BLOCK_S] tile: 16 per thread at 4 warps, i.e. four 128-bit loads of
-# float32 (two of half) per thread per tensor, which keeps enough bytes in flight per SM on an
-# H100 without spilling the backward kernel that holds x and dy tiles at once.
+# Values in one [BLOCK_C, BLOCK_S] tile of the split path: 16 per thread at 4 warps, i.e. four
+# 128-bit loads of float32 (two of half) per thread per tensor, which keeps enough bytes in
+# flight per SM on an H100 without spilling the kernels that hold x and dy tiles at once.
 MAX_TILE = 2048
 # Lanes that run along C when channels are the contiguous dim (channels_last, 2-D input):
 # 128 float32 channels are a 512-byte row, four full 128-byte lines.
 MAX_BLOCK_C_CHANNELS_LAST = 128
-# Split partials a combining prologue holds at once ([BLOCK_C, SPLITS_P2] values per array).
-MAX_COMBINE_TILE = 2048
+# Split partials the last program of a channel block combines at once ([BLOCK_C, SPLITS_P2]).
+MAX_COMBINE_TILE = 4096
 # Programs per SM the split heuristic aims for: enough resident warps to cover DRAM latency.
 PROGRAMS_PER_SM = 4
 # Without a GPU (the interpreter) plan as on an H100 SXM, so that counted launches and traffic
 # are those the GPU would see.
 H100_SM_COUNT = 132
 NUM_WARPS = 4
+# The slab path holds a program's whole [BLOCK_C, BLOCK_N, BLOCK_S] slab in registers: at 16
+# warps (512 threads) 16384 float32 values are 32 registers a thread, which the forward (one
+# tensor live) affords without spilling; the backward keeps x and dy live, so half that.
+MAX_SLAB_FORWARD = 16384
+MAX_SLAB_BACKWARD = 8192
+# Values a slab program aims for when channels are small: several channels per program.
+SLAB_TARGET = 4096
+# Rows of a channels-contiguous slab are BLOCK_C channels wide; below 32 bytes a row would
+# leave DRAM sectors half used, so BLOCK_C is at least 32 bytes' worth of channels. This is
+# what stops the channels-last slab early (M ≤ 2048 for a float32 forward).
+MIN_ROW_BYTES = 32
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,6 +83,23 @@ def tile_shape(C: int, S: int, channels_contiguous: bool) -> Tuple[int, int]:
     return block_c, block_s
 
 
+def slab_shape(N: int, C: int, S: int, channels_contiguous: bool, element_size: int,
+               max_slab: int) -> Optional[Tuple[int, int, int]]:
+    """(BLOCK_C, BLOCK_N, BLOCK_S) of a slab holding whole channels, or None when the smallest
+    useful slab exceeds max_slab values (then the split path runs).
+
+    BLOCK_N ≥ N and BLOCK_S ≥ S (powers of two). Channels per program: as many as keep the slab
+    near SLAB_TARGET, and for channels-contiguous input at least MIN_ROW_BYTES of them."""
+    per_channel = triton.next_power_of_2(N) * triton.next_power_of_2(S)
+    min_channels = 1
+    if channels_contiguous:
+        min_channels = min(triton.next_power_of_2(C), max(1, MIN_ROW_BYTES // element_size))
+    if min_channels * per_channel > max_slab:
+        return None
+    block_c = max(min_channels, min(triton.next_power_of_2(C), SLAB_TARGET // per_channel))
+    return block_c, triton.next_power_of_2(N), triton.next_power_of_2(S)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
@@ -81,46 +109,81 @@ def _sm_count(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """How one call walks its tensors: the (N, C, S) view, tile shape, splits and grid.
+    """How one call walks its tensors: the (N, C, S) view, and either a slab (whole channels per
+    program, grid (cdiv(C, BLOCK_C),)) or splits (grid (cdiv(C, BLOCK_C), num_splits)).
 
     When every tensor of the call has stride_n == S·stride_s (channels_last, 2-D input, C = 1
     or N = 1), the batch merges into S: (N, C, S) -> (1, C, N·S), so a tile runs across
     samples and tiles along S stay long."""
+    N: int
     C: int
     S: int
-    M: int
     strides: Tuple[Strides, ...]
     BLOCK_C: int
     BLOCK_S: int
-    tiles_per_n: int
-    num_tiles: int
-    tiles_per_split: int
-    num_splits: int
     INT64: bool
+    # slab path
+    BLOCK_N: Optional[int] = None
+    # split path
+    tiles_per_n: int = 0
+    num_tiles: int = 0
+    tiles_per_split: int = 0
+    num_splits: int = 1
+
+    @property
+    def M(self) -> int:
+        return self.N * self.S
+
+    @property
+    def slab(self) -> bool:
+        return self.BLOCK_N is not None
 
     @property
     def SPLITS_P2(self) -> int:
         return triton.next_power_of_2(self.num_splits)
 
     @property
-    def grid(self) -> Tuple[int, int]:
-        return triton.cdiv(self.C, self.BLOCK_C), self.num_splits
+    def grid(self) -> Tuple[int, ...]:
+        c_blocks = triton.cdiv(self.C, self.BLOCK_C)
+        return (c_blocks,) if self.slab else (c_blocks, self.num_splits)
 
-    def tile_args(self) -> dict:
+    @property
+    def slab_num_warps(self) -> int:
+        """Warps of a slab program: 16-32 slab values a thread, 4 to 16 warps."""
+        values = self.BLOCK_C * self.BLOCK_N * self.BLOCK_S
+        return max(4, min(16, values // 512))
+
+    def split_args(self) -> dict:
         return dict(C=self.C, S=self.S, tiles_per_n=self.tiles_per_n, num_tiles=self.num_tiles,
                     tiles_per_split=self.tiles_per_split, num_splits=self.num_splits)
 
 
-def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.device) -> Plan:
-    """Plan a call over tensors of one shape (N, C, *spatial) with the given (n, c, s) strides."""
+def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.device,
+              element_size: int = 4, max_slab: int = 0) -> Plan:
+    """Plan a call over tensors of one shape (N, C, *spatial) with the given (n, c, s) strides:
+    a slab when whole channels fit in max_slab values (0: never), splits otherwise."""
     N, C = shape[0], shape[1]
     S = math.prod(shape[2:])
     if all(stride_n == S * stride_s for stride_n, _, stride_s in strides):
         N, S = 1, N * S
         strides = [(0, stride_c, stride_s) for _, stride_c, stride_s in strides]
     channels_contiguous = strides[0][1] == 1 and strides[0][2] != 1
-    block_c, block_s = tile_shape(C, S, channels_contiguous)
-    tiles_per_n = triton.cdiv(S, block_s)
+    slab = slab_shape(N, C, S, channels_contiguous, element_size, max_slab) if max_slab else None
+    if slab is not None:
+        block_c, block_n, block_s = slab
+        extents = (block_c, block_n, block_s)
+    else:
+        block_c, block_s = tile_shape(C, S, channels_contiguous)
+        tiles_per_n = triton.cdiv(S, block_s)
+        extents = (block_c, N, tiles_per_n * block_s)
+    # The largest offset a tile may form, masked lanes included.
+    c_pad = triton.cdiv(C, block_c) * block_c
+    largest = max((extents[1] - 1) * sn + (c_pad - 1) * sc + (extents[2] - 1) * ss
+                  for sn, sc, ss in strides)
+    common = dict(N=N, C=C, S=S, strides=tuple(strides), BLOCK_C=block_c, BLOCK_S=block_s,
+                  INT64=largest >= 2**31)
+    if slab is not None:
+        return Plan(**common, BLOCK_N=block_n)
     num_tiles = N * tiles_per_n
     c_blocks = triton.cdiv(C, block_c)
     max_splits = max(1, MAX_COMBINE_TILE // block_c)
@@ -128,83 +191,24 @@ def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.de
     splits = max(1, min(num_tiles, max_splits, triton.cdiv(target, c_blocks)))
     tiles_per_split = triton.cdiv(num_tiles, splits)
     splits = triton.cdiv(num_tiles, tiles_per_split)  # no split is left empty
-    # The largest offset a tile may form, masked lanes included.
-    c_pad = c_blocks * block_c
-    s_pad = tiles_per_n * block_s
-    largest = max((N - 1) * sn + (c_pad - 1) * sc + (s_pad - 1) * ss for sn, sc, ss in strides)
-    return Plan(C=C, S=S, M=N * S, strides=tuple(strides), BLOCK_C=block_c, BLOCK_S=block_s,
-                tiles_per_n=tiles_per_n, num_tiles=num_tiles, tiles_per_split=tiles_per_split,
-                num_splits=splits, INT64=largest >= 2**31)
+    return Plan(**common, tiles_per_n=tiles_per_n, num_tiles=num_tiles,
+                tiles_per_split=tiles_per_split, num_splits=splits)
 
 
-def welford_partials(x: torch.Tensor, plan: Plan) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Launch welford_partials_kernel; returns part_mean, part_m2 of shape (C, num_splits)."""
-    acc_dtype = accumulation_dtype(x.dtype)
-    part_mean = torch.empty(plan.C, plan.num_splits, dtype=acc_dtype, device=x.device)
-    part_m2 = torch.empty_like(part_mean)
-    welford_partials_kernel[plan.grid](
-        x, part_mean, part_m2, **plan.tile_args(), **_strides("x", plan.strides[0]),
-        BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, INT64=plan.INT64, num_warps=NUM_WARPS)
-    return part_mean, part_m2
+_TICKETS = {}
 
 
-def normalize(x: torch.Tensor, y: torch.Tensor, plan: Plan, weight: Optional[torch.Tensor],
-              bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
-              partials: Optional[Tuple[torch.Tensor, torch.Tensor]],
-              running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-              num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float],
-              eps: float) -> None:
-    """Launch normalize_kernel: y from x, writing mean and invstd (C,).
-
-    partials given: batch statistics, and running stats (if given) are updated with factor
-    momentum, or 1/num_batches_tracked when momentum is None. partials None: the running
-    statistics are used as they are."""
-    batch_stats = partials is not None
-    update_running = batch_stats and running_mean is not None
-    part_mean, part_m2 = partials if batch_stats else (None, None)
-    normalize_kernel[plan.grid](
-        x, y, weight, bias, mean, invstd, part_mean, part_m2, running_mean, running_var,
-        num_batches_tracked, **plan.tile_args(), M=plan.M,
-        **_float64_pair("momentum", 0.0 if momentum is None else momentum),
-        **_float64_pair("eps", eps),
-        **_strides("x", plan.strides[0]), **_strides("y", plan.strides[1]),
-        BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2,
-        BATCH_STATS=batch_stats, UPDATE_RUNNING=update_running,
-        MOMENTUM_FROM_COUNT=update_running and momentum is None,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, INT64=plan.INT64,
-        num_warps=NUM_WARPS)
-
-
-def dy_partials(x: torch.Tensor, dy: torch.Tensor, mean: torch.Tensor,
-                plan: Plan) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Launch dy_partials_kernel; returns part_sum_dy, part_sum_dy_xmu of shape (C, num_splits)."""
-    part_sum_dy = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=x.device)
-    part_sum_dy_xmu = torch.empty_like(part_sum_dy)
-    dy_partials_kernel[plan.grid](
-        x, dy, mean, part_sum_dy, part_sum_dy_xmu, **plan.tile_args(),
-        **_strides("x", plan.strides[0]), **_strides("dy", plan.strides[1]),
-        BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, INT64=plan.INT64, num_warps=NUM_WARPS)
-    return part_sum_dy, part_sum_dy_xmu
-
-
-def input_grad(x: torch.Tensor, dy: torch.Tensor, dx: Optional[torch.Tensor], plan: Plan,
-               weight: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
-               partials: Optional[Tuple[torch.Tensor, torch.Tensor]], batch_stats: bool,
-               grad_weight: Optional[torch.Tensor], grad_bias: Optional[torch.Tensor]) -> None:
-    """Launch input_grad_kernel: dx (if given, with batch or constant statistics) and, from the
-    partials, grad_weight and grad_bias (those given). Without dx one split suffices."""
-    part_sum_dy, part_sum_dy_xmu = partials if partials is not None else (None, None)
-    grid = plan.grid if dx is not None else (plan.grid[0], 1)
-    dx_strides = plan.strides[2] if dx is not None else (0, 0, 0)
-    input_grad_kernel[grid](
-        x, dy, dx, weight, mean, invstd, part_sum_dy, part_sum_dy_xmu, grad_weight, grad_bias,
-        **plan.tile_args(), M=plan.M, **_strides("x", plan.strides[0]),
-        **_strides("dy", plan.strides[1]), **_strides("dx", dx_strides),
-        BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2,
-        HAS_PARTIALS=partials is not None, BATCH_STATS=batch_stats,
-        HAS_WEIGHT=weight is not None, WRITE_GRAD_WEIGHT=grad_weight is not None,
-        WRITE_GRAD_BIAS=grad_bias is not None, WRITE_GRAD_INPUT=dx is not None,
-        INT64=plan.INT64, num_warps=NUM_WARPS)
+def tickets(device: torch.device, count: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least `count` tickets for this device and stream. The
+    kernels leave it zeroed (the last program of each channel block resets its ticket), so it
+    is allocated once, not per call; one per stream keeps concurrent streams apart."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buffer = _TICKETS.get(key)
+    if buffer is None or buffer.numel() < count:
+        buffer = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _TICKETS[key] = buffer
+    return buffer
 
 
 def _float64_pair(name: str, value: float) -> dict:
@@ -220,6 +224,111 @@ def _strides(name: str, strides: Strides) -> dict:
             f"stride_{name}s": strides[2]}
 
 
+def _running_args(running_mean, running_var, num_batches_tracked, momentum) -> dict:
+    update = running_mean is not None
+    return dict(running_mean_ptr=running_mean, running_var_ptr=running_var,
+                num_batches_tracked_ptr=num_batches_tracked,
+                **_float64_pair("momentum", 0.0 if momentum is None else momentum),
+                UPDATE_RUNNING=update, MOMENTUM_FROM_COUNT=update and momentum is None)
+
+
+def batch_statistics(x: torch.Tensor, plan: Plan, mean: torch.Tensor, invstd: torch.Tensor,
+                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float],
+                eps: float) -> torch.Tensor:
+    """Launch batch_stats_kernel: writes mean, invstd (and the running statistics, if given);
+    returns centre = mean - x[0, c, 0] for normalize_kernel."""
+    part_mean = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=x.device)
+    part_m2 = torch.empty_like(part_mean)
+    centre = torch.empty_like(mean)
+    batch_stats_kernel[plan.grid](
+        x, part_mean, part_m2, tickets(x.device, plan.grid[0]), mean, invstd, centre,
+        **_running_args(running_mean, running_var, num_batches_tracked, momentum),
+        **plan.split_args(), M=plan.M, **_float64_pair("eps", eps),
+        **_strides("x", plan.strides[0]), BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S,
+        SPLITS_P2=plan.SPLITS_P2, INT64=plan.INT64, num_warps=NUM_WARPS)
+    return centre
+
+
+def normalize(x: torch.Tensor, y: torch.Tensor, plan: Plan, weight: Optional[torch.Tensor],
+              bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
+              centre: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+              running_var: Optional[torch.Tensor], eps: float) -> None:
+    """Launch normalize_kernel: y from batch statistics (centre given: mean, invstd, centre
+    from batch_statistics) or from the running ones (then mean and invstd are written)."""
+    normalize_kernel[plan.grid](
+        x, y, weight, bias, mean, invstd, centre, running_mean, running_var,
+        **plan.split_args(), **_float64_pair("eps", eps), **_strides("x", plan.strides[0]),
+        **_strides("y", plan.strides[1]), BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S,
+        BATCH_STATS=centre is not None, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, INT64=plan.INT64, num_warps=NUM_WARPS)
+
+
+def forward_slab(x: torch.Tensor, y: torch.Tensor, plan: Plan, weight: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
+                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                 num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float],
+                 eps: float) -> None:
+    """Launch forward_slab_kernel: the whole training forward in one pass."""
+    forward_slab_kernel[plan.grid](
+        x, y, weight, bias, mean, invstd,
+        **_running_args(running_mean, running_var, num_batches_tracked, momentum),
+        C=plan.C, N=plan.N, S=plan.S, M=plan.M, **_float64_pair("eps", eps),
+        **_strides("x", plan.strides[0]), **_strides("y", plan.strides[1]),
+        BLOCK_C=plan.BLOCK_C, BLOCK_N=plan.BLOCK_N, BLOCK_S=plan.BLOCK_S,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, INT64=plan.INT64,
+        num_warps=plan.slab_num_warps)
+
+
+def dy_sums(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean: torch.Tensor,
+            invstd: torch.Tensor, grad_weight: Optional[torch.Tensor],
+            grad_bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch dy_sums_kernel: writes grad_weight / grad_bias (those given); returns the dx
+    coefficients mean_dy, mean_dy_xhat (C,)."""
+    part_sum_dy = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=x.device)
+    part_sum_dy_xmu = torch.empty_like(part_sum_dy)
+    mean_dy, mean_dy_xhat = torch.empty_like(mean), torch.empty_like(mean)
+    dy_sums_kernel[plan.grid](
+        x, dy, mean, invstd, part_sum_dy, part_sum_dy_xmu, tickets(x.device, plan.grid[0]),
+        mean_dy, mean_dy_xhat, grad_weight, grad_bias, **plan.split_args(),
+        **_float64_pair("inv_count", 1.0 / plan.M),
+        **_strides("x", plan.strides[0]), **_strides("dy", plan.strides[1]),
+        BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2,
+        WRITE_GRAD_WEIGHT=grad_weight is not None, WRITE_GRAD_BIAS=grad_bias is not None,
+        INT64=plan.INT64, num_warps=NUM_WARPS)
+    return mean_dy, mean_dy_xhat
+
+
+def input_grad(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, plan: Plan,
+               weight: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
+               coefficients: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Launch input_grad_kernel: dx with batch statistics (coefficients from dy_sums) or with
+    constant ones (coefficients None; x is not read)."""
+    mean_dy, mean_dy_xhat = coefficients if coefficients is not None else (None, None)
+    input_grad_kernel[plan.grid](
+        x, dy, dx, weight, mean, invstd, mean_dy, mean_dy_xhat, **plan.split_args(),
+        **_strides("x", plan.strides[0]), **_strides("dy", plan.strides[1]),
+        **_strides("dx", plan.strides[2]), BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S,
+        BATCH_STATS=coefficients is not None, HAS_WEIGHT=weight is not None,
+        INT64=plan.INT64, num_warps=NUM_WARPS)
+
+
+def backward_slab(x: torch.Tensor, dy: torch.Tensor, dx: Optional[torch.Tensor], plan: Plan,
+                  weight: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
+                  batch_stats: bool, grad_weight: Optional[torch.Tensor],
+                  grad_bias: Optional[torch.Tensor]) -> None:
+    """Launch backward_slab_kernel: dγ, dβ and dx (those given) in one pass."""
+    dx_strides = plan.strides[2] if dx is not None else (0, 0, 0)
+    backward_slab_kernel[plan.grid](
+        x, dy, dx, weight, mean, invstd, grad_weight, grad_bias,
+        C=plan.C, N=plan.N, S=plan.S, M=plan.M, **_strides("x", plan.strides[0]),
+        **_strides("dy", plan.strides[1]), **_strides("dx", dx_strides),
+        BLOCK_C=plan.BLOCK_C, BLOCK_N=plan.BLOCK_N, BLOCK_S=plan.BLOCK_S,
+        BATCH_STATS=batch_stats, HAS_WEIGHT=weight is not None,
+        WRITE_GRAD_WEIGHT=grad_weight is not None, WRITE_GRAD_BIAS=grad_bias is not None,
+        WRITE_GRAD_INPUT=dx is not None, INT64=plan.INT64, num_warps=plan.slab_num_warps)
+
+
 def kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """t itself when its spatial dims flatten to one stride, else a contiguous copy: the one
     copy made, for views such as x[:, :, ::2] that no single s-stride describes."""
@@ -232,16 +341,24 @@ def batch_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor],
                        num_batches_tracked: Optional[torch.Tensor], batch_stats: bool,
                        momentum: Optional[float], eps: float
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y, mean, invstd for a kernel-ready, non-empty x: two launches with batch statistics
-    (partials, normalize), one with running statistics."""
+    """y, mean, invstd for a kernel-ready, non-empty x. Training: one slab launch when whole
+    channels fit in registers, else statistics then normalize (two). Eval: one launch."""
     y = torch.empty_like(x)
-    acc_dtype = accumulation_dtype(x.dtype)
-    mean = torch.empty(x.shape[1], dtype=acc_dtype, device=x.device)
+    mean = torch.empty(x.shape[1], dtype=accumulation_dtype(x.dtype), device=x.device)
     invstd = torch.empty_like(mean)
-    plan = make_plan(x.shape, [ncs_strides(x), ncs_strides(y)], x.device)
-    partials = welford_partials(x, plan) if batch_stats else None
-    normalize(x, y, plan, weight, bias, mean, invstd, partials, running_mean, running_var,
-              num_batches_tracked, momentum, eps)
+    strides = [ncs_strides(x), ncs_strides(y)]
+    if not batch_stats:
+        plan = make_plan(x.shape, strides, x.device)
+        normalize(x, y, plan, weight, bias, mean, invstd, None, running_mean, running_var, eps)
+        return y, mean, invstd
+    plan = make_plan(x.shape, strides, x.device, x.element_size(), MAX_SLAB_FORWARD)
+    if plan.slab:
+        forward_slab(x, y, plan, weight, bias, mean, invstd, running_mean, running_var,
+                     num_batches_tracked, momentum, eps)
+    else:
+        centre = batch_statistics(x, plan, mean, invstd, running_mean, running_var,
+                                  num_batches_tracked, momentum, eps)
+        normalize(x, y, plan, weight, bias, mean, invstd, centre, None, None, eps)
     return y, mean, invstd
 
 
@@ -250,19 +367,27 @@ def batch_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torc
                         output_mask: Tuple[bool, bool, bool], bias_dtype: Optional[torch.dtype]
                         ) -> Tuple[Optional[torch.Tensor], ...]:
     """(dx, dγ, dβ) for a kernel-ready, non-empty x, each only where output_mask asks; dγ and
-    dβ in the dtypes of weight and bias.
+    dβ in the dtypes of weight and bias. dy may have any layout.
 
-    dy may have any layout. The partial sums run only when the batch statistics are in dx or
-    dγ/dβ are asked for; eval's dx alone is a single launch."""
+    One slab launch when whole channels fit in registers; otherwise the sums (only when dx
+    uses batch statistics or dγ/dβ are asked for) and a streaming dx."""
     want_dx, want_dw, want_db = output_mask
     dy = kernel_ready(dy)
     dx = torch.empty_like(x) if want_dx else None
     grad_weight = torch.empty_like(weight) if want_dw else None
     grad_bias = torch.empty(x.shape[1], dtype=bias_dtype, device=x.device) if want_db else None
     strides = [ncs_strides(x), ncs_strides(dy)] + ([ncs_strides(dx)] if want_dx else [])
-    plan = make_plan(x.shape, strides, x.device)
     need_sums = (want_dx and batch_stats) or want_dw or want_db
-    partials = dy_partials(x, dy, mean, plan) if need_sums else None
-    input_grad(x, dy, dx, plan, weight, mean, invstd, partials, batch_stats, grad_weight,
-               grad_bias)
+    plan = make_plan(x.shape, strides, x.device, x.element_size(),
+                     MAX_SLAB_BACKWARD if need_sums else 0)
+    if plan.slab:
+        backward_slab(x, dy, dx, plan, weight, mean, invstd, batch_stats, grad_weight,
+                      grad_bias)
+        return dx, grad_weight, grad_bias
+    coefficients = None
+    if need_sums:
+        coefficients = dy_sums(x, dy, plan, mean, invstd, grad_weight, grad_bias)
+    if want_dx:
+        input_grad(x, dy, dx, plan, weight, mean, invstd,
+                   coefficients if batch_stats else None)
     return dx, grad_weight, grad_bias

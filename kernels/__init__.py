@@ -2,19 +2,23 @@
 
 Every kernel sees its tensors as (N, C, S): N the batch, C the channels, S the product of the
 spatial dims, addressed through strides so that contiguous and channels-last memory are read in
-place. M = N·S values belong to each channel. A program owns BLOCK_C channels and one *split*
-of the M axis, walked in tiles of BLOCK_S values along S; the grid is (cdiv(C, BLOCK_C), SPLITS).
+place. M = N·S values belong to each channel. Two paths:
 
-- stats.py     per-split Welford partials of x, and their fixed-order combine (a @jit helper)
-- forward.py   y = (x - mean)·invstd·γ + β, with the combine and the running-stat update in
-               its prologue
-- backward.py  per-split Σdy and Σdy·(x - mean), then dγ, dβ and dx with the combine in the
-               prologue
+- slab (small M): a program owns BLOCK_C whole channels, holds their M values in registers and
+  does a whole training forward or backward in one launch, one pass over memory;
+- split (large M): a program owns BLOCK_C channels and one *split* of the M axis, walked in
+  tiles of BLOCK_S values; grid (cdiv(C, BLOCK_C), num_splits). Per-channel sums finish in the
+  last program of each channel block, the next kernel streams with O(C) statistics.
+
+- stats.py     batch_stats_kernel (split statistics) and the @jit helpers they share
+- forward.py   normalize_kernel (split / eval), forward_slab_kernel
+- backward.py  dy_sums_kernel + input_grad_kernel (split), backward_slab_kernel
 
 Reference: S. Ioffe and C. Szegedy, Batch Normalization, arXiv:1502.03167, Algorithm 1.
 """
-from .backward import dy_partials_kernel, input_grad_kernel
-from .forward import normalize_kernel
-from .stats import welford_partials_kernel
+from .backward import backward_slab_kernel, dy_sums_kernel, input_grad_kernel
+from .forward import forward_slab_kernel, normalize_kernel
+from .stats import batch_stats_kernel
 
-__all__ = ["welford_partials_kernel", "normalize_kernel", "dy_partials_kernel", "input_grad_kernel"]
+__all__ = ["batch_stats_kernel", "normalize_kernel", "forward_slab_kernel", "dy_sums_kernel",
+           "input_grad_kernel", "backward_slab_kernel"]

@@ -1,44 +1,38 @@
 """Normalize, scale and shift: Algorithm 1, lines 3-4, of arXiv:1502.03167, and the inference
 transform of its section 3.1 when the statistics are the running ones.
 
-The statistics come in through the prologue: in training each program combines the Welford
-partials (taken around a pivot, see stats.py) of its channels (all programs of a channel compute the same values in the same order)
-and the programs of split 0 write mean/invstd for backward and update the running statistics;
-in eval they are read from running_mean/running_var. No separate combine launch is needed.
+- normalize_kernel streams x -> y with per-channel statistics read from memory: those of
+  batch_stats_kernel (split path, training) or the running ones (eval). 2 element-sizes.
+- forward_slab_kernel does the whole training forward in one launch when a channel's M values
+  fit in one program's registers (small M): it loads the slab once, reduces it, updates the
+  running statistics and writes y from registers. 2 element-sizes, 1 launch.
+
+x - mean is formed as (x - pivot) - (mean - pivot) with pivot = x[0, c, 0] and mean - pivot
+unrounded, so a large common offset cancels before anything is rounded (see stats.py).
 """
 import triton
 import triton.language as tl
 
-from .stats import channel_pivot, combine_welford_partials, inverse_std, tile_offsets
+from .stats import channel_pivot, inverse_std, tile_offsets, update_running_stats
 
 
 @triton.jit
 def normalize_kernel(
-    x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
-    part_mean_ptr, part_m2_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
-    C, S, M, tiles_per_n, num_tiles, tiles_per_split, num_splits,
-    momentum, momentum_lo, eps, eps_lo,
+    x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr, centre_ptr,
+    running_mean_ptr, running_var_ptr,
+    C, S, tiles_per_n, num_tiles, tiles_per_split, num_splits, eps, eps_lo,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_P2: tl.constexpr,
-    BATCH_STATS: tl.constexpr, UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_COUNT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BATCH_STATS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, INT64: tl.constexpr,
 ):
-    """y[n, c, s] = (x[n, c, s] - mean[c])·invstd[c]·γ[c] + β[c],  invstd = 1/sqrt(var + eps).
+    """y[n, c, s] = (x[n, c, s] - mean[c])·invstd[c]·γ[c] + β[c].
 
-    Grid (cdiv(C, BLOCK_C), num_splits); program (pid_c, k) normalizes the tiles of split k.
+    Grid (cdiv(C, BLOCK_C), num_splits); program (pid_c, k) writes the tiles of split k.
     x, y: (N, C, S), any strides (y may differ from x). weight, bias: (C,) or absent (γ = 1,
-    β = 0). mean, invstd: (C,) outputs in the accumulation dtype (float32, float64 for float64 x).
-    BATCH_STATS: mean and var = M2/M from the partials (C, num_splits) of welford_partials_kernel;
-      with UPDATE_RUNNING, split 0 also sets, with f = momentum, or 1/num_batches_tracked when
-      MOMENTUM_FROM_COUNT (torch's cumulative average for momentum=None, read on the device):
-        running_mean = (1 - f)·running_mean + f·mean
-        running_var  = (1 - f)·running_var  + f·var·M/(M - 1)      (unbiased, as torch)
-    otherwise: mean = running_mean, var = running_var (the inference transform).
-    x - mean is formed as (x - pivot) - (mean - pivot) from the unrounded mean - pivot of the
-    partials, so a large common offset cancels before anything is rounded.
-    momentum and eps arrive as float32 pairs (value, remainder) whose sum is the float64
-    argument: Triton passes Python floats as float32, which float64 input must not inherit."""
-    acc_dtype = mean_ptr.dtype.element_ty
+    β = 0). BATCH_STATS: invstd and centre = mean - x[0, c, 0] come from batch_stats_kernel.
+    Otherwise mean = running_mean, invstd = 1/sqrt(running_var + eps) (eps a float32 pair, see
+    update_running_stats), which split 0 writes to mean/invstd for backward."""
+    acc_dtype = invstd_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -46,35 +40,16 @@ def normalize_kernel(
 
     if BATCH_STATS:
         pivot = channel_pivot(x_ptr, pid_c, C, stride_xc, BLOCK_C, INT64).to(acc_dtype)
-        mean_from_pivot, var = combine_welford_partials(
-            part_mean_ptr, part_m2_ptr, pid_c, C, S, tiles_per_n, num_tiles, tiles_per_split,
-            num_splits, M, BLOCK_C, BLOCK_S, SPLITS_P2)
-        mean = pivot + mean_from_pivot
+        centre = tl.load(centre_ptr + c, mask=c_mask, other=0.0)
+        invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
     else:
         pivot = tl.zeros([BLOCK_C], acc_dtype)
-        mean_from_pivot = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
-        mean = mean_from_pivot
+        centre = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
         var = tl.load(running_var_ptr + c, mask=c_mask, other=1.0).to(acc_dtype)
-    invstd = inverse_std(var + eps_lo, eps)
-
-    if split == 0:
-        tl.store(mean_ptr + c, mean, mask=c_mask)
-        tl.store(invstd_ptr + c, invstd, mask=c_mask)
-        if UPDATE_RUNNING:
-            if MOMENTUM_FROM_COUNT:
-                factor = 1.0 / tl.load(num_batches_tracked_ptr).to(acc_dtype)
-            else:
-                factor = tl.zeros([BLOCK_C], acc_dtype) + momentum + momentum_lo
-            running_mean = tl.load(running_mean_ptr + c, mask=c_mask).to(acc_dtype)
-            running_var = tl.load(running_var_ptr + c, mask=c_mask).to(acc_dtype)
-            count = tl.zeros([BLOCK_C], acc_dtype) + M  # M exactly, in the accumulation type
-            unbiased_var = var * (count / (count - 1.0))
-            running_mean = (1.0 - factor) * running_mean + factor * mean
-            running_var = (1.0 - factor) * running_var + factor * unbiased_var
-            tl.store(running_mean_ptr + c, running_mean.to(running_mean_ptr.dtype.element_ty),
-                     mask=c_mask)
-            tl.store(running_var_ptr + c, running_var.to(running_var_ptr.dtype.element_ty),
-                     mask=c_mask)
+        invstd = inverse_std(var + eps_lo, eps)
+        if split == 0:
+            tl.store(mean_ptr + c, centre, mask=c_mask)
+            tl.store(invstd_ptr + c, invstd, mask=c_mask)
 
     scale = invstd
     if HAS_WEIGHT:
@@ -92,5 +67,74 @@ def normalize_kernel(
         y_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_yn, stride_yc,
                                     stride_ys, BLOCK_C, BLOCK_S, INT64)
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(acc_dtype)
-        y = ((x - pivot[:, None]) - mean_from_pivot[:, None]) * scale[:, None] + shift[:, None]
+        y = ((x - pivot[:, None]) - centre[:, None]) * scale[:, None] + shift[:, None]
         tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def slab_offsets(pid_c, C, N, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+    """Offsets and mask of the whole [BLOCK_C, BLOCK_N, BLOCK_S] slab of channel block pid_c."""
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = tl.arange(0, BLOCK_N)
+    s = tl.arange(0, BLOCK_S)
+    if INT64:
+        c = c.to(tl.int64)
+        n = n.to(tl.int64)
+        s = s.to(tl.int64)
+    offsets = (c[:, None, None] * stride_c + n[None, :, None] * stride_n
+               + s[None, None, :] * stride_s)
+    mask = (c[:, None, None] < C) & (n[None, :, None] < N) & (s[None, None, :] < S)
+    return offsets, mask
+
+
+@triton.jit
+def forward_slab_kernel(
+    x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
+    running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
+    C, N, S, M, momentum, momentum_lo, eps, eps_lo,
+    stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_COUNT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, INT64: tl.constexpr,
+):
+    """Training forward of whole channels held in registers, one read of x and one write of y.
+
+    Grid (cdiv(C, BLOCK_C),); BLOCK_N ≥ N and BLOCK_S ≥ S, so a program's slab holds every one
+    of the M = N·S values of its channels. With x' = x - pivot (pivot = x[0, c, 0]):
+        centre = Σ x'/M,  var = Σ (x' - centre)²/M,  mean = pivot + centre,
+        y = (x' - centre)·invstd·γ + β,  invstd = 1/sqrt(var + eps),
+    an exact two-pass variance over registers. Writes mean and invstd (accumulation dtype),
+    and with UPDATE_RUNNING the running statistics (see update_running_stats)."""
+    acc_dtype = mean_ptr.dtype.element_ty
+    pid_c = tl.program_id(0)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+
+    x_offsets, mask = slab_offsets(pid_c, C, N, S, stride_xn, stride_xc, stride_xs,
+                                   BLOCK_C, BLOCK_N, BLOCK_S, INT64)
+    pivot = channel_pivot(x_ptr, pid_c, C, stride_xc, BLOCK_C, INT64).to(acc_dtype)
+    x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(acc_dtype)
+    x = tl.where(mask, x - pivot[:, None, None], 0.0)
+    centre = tl.sum(tl.sum(x, axis=2), axis=1) / M
+    x = tl.where(mask, x - centre[:, None, None], 0.0)
+    var = tl.sum(tl.sum(x * x, axis=2), axis=1) / M
+    invstd = inverse_std(var + eps_lo, eps)
+    mean = pivot + centre
+    tl.store(mean_ptr + c, mean, mask=c_mask)
+    tl.store(invstd_ptr + c, invstd, mask=c_mask)
+    if UPDATE_RUNNING:
+        update_running_stats(running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, c,
+                             c_mask, mean, var, M, momentum, momentum_lo, MOMENTUM_FROM_COUNT)
+
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
+    else:
+        shift = tl.zeros([BLOCK_C], acc_dtype)
+    y = x * scale[:, None, None] + shift[:, None, None]
+    y_offsets, _ = slab_offsets(pid_c, C, N, S, stride_yn, stride_yc, stride_ys,
+                                BLOCK_C, BLOCK_N, BLOCK_S, INT64)
+    tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)

@@ -1,16 +1,19 @@
 """Per-channel mean and variance of a mini-batch: Algorithm 1, lines 1-2, of arXiv:1502.03167.
 
-The M values of a channel are cut into SPLITS contiguous runs of tiles so that a tensor with few
-channels and many values per channel still gives every SM work. Each program reduces its run to
-Welford partials (count, mean, M2 = Σ(x - mean)²) by merging one tile at a time with Chan's
-formula; the consumer kernel combines the SPLITS partials of a channel in a fixed order. Nothing
-here computes E[x²] - E[x]², which cancels catastrophically when |mean| >> std in float32, and
-nothing uses atomics, so the same input gives the same bits.
+Split path (large M). The M values of a channel are cut into num_splits contiguous runs of tiles
+so that a tensor with few channels and many values per channel still gives every SM work. Each
+program reduces its run to Welford partials (count, mean, M2 = Σ(x - mean)²), merging one tile
+at a time with Chan's formula, then takes an integer ticket for its channel block; the program
+that takes the last ticket combines the block's partials in a fixed order and writes the final
+statistics (and the running-statistic update). Consumers read O(C) values, and no separate
+combine launch is needed. The only atomics are those integer tickets: sums never depend on
+which program finishes first, so the same input gives the same bits.
 
-All sums run on x - pivot, pivot = x[0, c, 0] (the same for every program of a channel). With
-x = 1e4 + N(0, 1) a float32 tile mean near 1e4 is rounded by ~5e-4, which Chan's between-tile
-term δ² turns into a 1e-5 relative error of var; around the pivot the means are O(std) and
-that error disappears. The partials hold means of x - pivot.
+Nothing here computes E[x²] - E[x]², which cancels catastrophically when |mean| >> std in
+float32. All sums run on x - pivot, pivot = x[0, c, 0] (the same for every program of a
+channel): with x = 1e4 + N(0, 1) a float32 tile mean near 1e4 is rounded by ~5e-4, which Chan's
+between-tile term δ² turns into a 1e-5 relative error of var; around the pivot the means are
+O(std) and that error disappears.
 """
 import triton
 import triton.language as tl
@@ -61,20 +64,74 @@ def split_counts(splits, tiles_per_split, num_tiles, tiles_per_n, S, BLOCK_S: tl
 
 
 @triton.jit
-def welford_partials_kernel(
-    x_ptr, part_mean_ptr, part_m2_ptr,
-    C, S, tiles_per_n, num_tiles, tiles_per_split, num_splits,
-    stride_xn, stride_xc, stride_xs,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
-):
-    """Welford partials of one split: part_mean[c, k] = mean of x[c] - pivot[c] over split k,
-    and part_m2[c, k] = Σ (x - pivot - part_mean[c, k])² over the same values.
+def finished_last(tickets_ptr, pid_c, num_splits):
+    """Whether this program is the last of the num_splits programs of channel block pid_c to
+    get here. The acq_rel ticket makes the partials the others stored before their tickets
+    visible to the last one; the last one resets the ticket to 0 for the next launch."""
+    ticket = tl.atomic_add(tickets_ptr + pid_c, 1, sem="acq_rel")
+    is_last = ticket == num_splits - 1
+    if is_last:
+        tl.atomic_xchg(tickets_ptr + pid_c, 0)
+    return is_last
 
-    Grid (cdiv(C, BLOCK_C), num_splits). x: (N, C, S), any strides, any float dtype;
-    part_mean, part_m2: (C, num_splits) contiguous, float32 (float64 for float64 x), which is
-    also the accumulation type. A tile of b values with mean m_t and M2_t merges into the
-    running (n_a, m_a, M2_a) by Chan et al.:  δ = m_t - m_a,  n = n_a + b,
-    m_a += δ·b/n,  M2_a += M2_t + δ²·n_a·b/n."""
+
+@triton.jit
+def inverse_std(var, eps):
+    """invstd = 1/sqrt(var + eps), var in the accumulation dtype, with a correctly rounded
+    square root (tl.sqrt is approximate for float32 on NVIDIA; sqrt_rn is float32 only, and
+    tl.sqrt of float64 is already exact)."""
+    if var.dtype == tl.float64:
+        return 1.0 / tl.sqrt(var + eps)
+    else:
+        return 1.0 / tl.sqrt_rn(var + eps)
+
+
+@triton.jit
+def update_running_stats(running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, c, c_mask,
+                         mean, var, M, momentum, momentum_lo,
+                         MOMENTUM_FROM_COUNT: tl.constexpr):
+    """torch's running averages, with f = momentum, or 1/num_batches_tracked (read on the
+    device) for momentum=None:
+        running_mean = (1 - f)·running_mean + f·mean
+        running_var  = (1 - f)·running_var  + f·var·M/(M - 1)     (unbiased, as torch)
+    momentum arrives as a float32 pair (value, remainder): float64 buffers see the float64 value."""
+    acc_dtype = mean.dtype
+    if MOMENTUM_FROM_COUNT:
+        factor = 1.0 / tl.load(num_batches_tracked_ptr).to(acc_dtype)
+    else:
+        factor = tl.zeros(mean.shape, acc_dtype) + momentum + momentum_lo
+    count = tl.zeros(mean.shape, acc_dtype) + M  # M exactly, in the accumulation type
+    running_mean = tl.load(running_mean_ptr + c, mask=c_mask).to(acc_dtype)
+    running_var = tl.load(running_var_ptr + c, mask=c_mask).to(acc_dtype)
+    running_mean = (1.0 - factor) * running_mean + factor * mean
+    running_var = (1.0 - factor) * running_var + factor * var * (count / (count - 1.0))
+    tl.store(running_mean_ptr + c, running_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(running_var_ptr + c, running_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def batch_stats_kernel(
+    x_ptr, part_mean_ptr, part_m2_ptr, tickets_ptr,
+    mean_ptr, invstd_ptr, centre_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
+    C, S, M, tiles_per_n, num_tiles, tiles_per_split, num_splits,
+    momentum, momentum_lo, eps, eps_lo,
+    stride_xn, stride_xc, stride_xs,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_P2: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_COUNT: tl.constexpr, INT64: tl.constexpr,
+):
+    """mean, invstd = 1/sqrt(var + eps) (biased var) of every channel, and the running update.
+
+    Grid (cdiv(C, BLOCK_C), num_splits). Program (pid_c, k) reduces split k of its channels to
+    part_mean[c, k] (mean of x - pivot) and part_m2[c, k] = Σ (x - pivot - part_mean)², merging
+    a tile of b values with mean m_t and M2_t into the running (n_a, m_a, M2_a) by Chan et al.:
+    δ = m_t - m_a,  n = n_a + b,  m_a += δ·b/n,  M2_a += M2_t + δ²·n_a·b/n.
+    The last program of the block combines the num_splits partials with counts n_k:
+    mean - pivot = Σ n_k·m_k / M,   M2 = Σ (M2_k + n_k·(m_k - (mean - pivot))²),   var = M2/M,
+    over a fixed [BLOCK_C, SPLITS_P2] tile, and writes mean, invstd, centre = mean - pivot
+    (unrounded, for normalize_kernel) and, with UPDATE_RUNNING, the running statistics.
+    x: (N, C, S), any strides, any float dtype. part_*: (C, num_splits); mean, invstd, centre:
+    (C,), all in the accumulation dtype (float32, float64 for float64 x). tickets: int32,
+    one per channel block, zero before the launch and left zero after it."""
     acc_dtype = part_mean_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
@@ -105,38 +162,21 @@ def welford_partials_kernel(
     tl.store(part_mean_ptr + c * num_splits + split, mean, mask=c_mask)
     tl.store(part_m2_ptr + c * num_splits + split, m2, mask=c_mask)
 
-
-@triton.jit
-def combine_welford_partials(
-    part_mean_ptr, part_m2_ptr, pid_c, C, S, tiles_per_n, num_tiles, tiles_per_split, num_splits,
-    M, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_P2: tl.constexpr,
-):
-    """Mean (of x - pivot) and biased variance of the channels of block pid_c from their
-    num_splits partials.
-
-    With counts n_k, means m_k and M2_k of the splits (Σ n_k = M):
-    mean = Σ n_k·m_k / M,   M2 = Σ (M2_k + n_k·(m_k - mean)²),   var = M2 / M.
-    Both sums run over a fixed [BLOCK_C, SPLITS_P2] tile, so the order never changes.
-    Returns (mean, var), each [BLOCK_C] in the partials' dtype."""
-    acc_dtype = part_mean_ptr.dtype.element_ty
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    k = tl.arange(0, SPLITS_P2)
-    mask = (c[:, None] < C) & (k[None, :] < num_splits)
-    offsets = c[:, None] * num_splits + k[None, :]
-    part_mean = tl.load(part_mean_ptr + offsets, mask=mask, other=0.0)
-    part_m2 = tl.load(part_m2_ptr + offsets, mask=mask, other=0.0)
-    counts = split_counts(k, tiles_per_split, num_tiles, tiles_per_n, S, BLOCK_S).to(acc_dtype)
-    mean = tl.sum(part_mean * counts[None, :], axis=1) / M
-    spread = part_mean - mean[:, None]
-    m2 = tl.sum(part_m2 + counts[None, :] * spread * spread, axis=1)
-    return mean, m2 / M
-
-
-@triton.jit
-def inverse_std(var, eps):
-    """invstd = 1/sqrt(var + eps), var in the accumulation dtype, with a correctly rounded square root (tl.sqrt is approximate
-    for float32 on NVIDIA; sqrt_rn is float32 only, and tl.sqrt of float64 is already exact)."""
-    if var.dtype == tl.float64:
-        return 1.0 / tl.sqrt(var + eps)
-    else:
-        return 1.0 / tl.sqrt_rn(var + eps)
+    if finished_last(tickets_ptr, pid_c, num_splits):
+        k = tl.arange(0, SPLITS_P2)
+        part_mask = c_mask[:, None] & (k[None, :] < num_splits)
+        part_offsets = c[:, None] * num_splits + k[None, :]
+        part_mean = tl.load(part_mean_ptr + part_offsets, mask=part_mask, other=0.0)
+        part_m2 = tl.load(part_m2_ptr + part_offsets, mask=part_mask, other=0.0)
+        counts = split_counts(k, tiles_per_split, num_tiles, tiles_per_n, S, BLOCK_S)
+        counts = counts.to(acc_dtype)
+        centre = tl.sum(part_mean * counts[None, :], axis=1) / M
+        spread = part_mean - centre[:, None]
+        var = tl.sum(part_m2 + counts[None, :] * spread * spread, axis=1) / M
+        mean = pivot + centre
+        tl.store(mean_ptr + c, mean, mask=c_mask)
+        tl.store(invstd_ptr + c, inverse_std(var + eps_lo, eps), mask=c_mask)
+        tl.store(centre_ptr + c, centre, mask=c_mask)
+        if UPDATE_RUNNING:
+            update_running_stats(running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, c,
+                                 c_mask, mean, var, M, momentum, momentum_lo, MOMENTUM_FROM_COUNT)

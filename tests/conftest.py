@@ -48,10 +48,48 @@ def device() -> str:
 
 
 class LaunchLog(list):
-    """Names of the Triton kernels launched, in order."""
+    """Names of the Triton kernels launched, in order, with counts of the calls they make up:
+    a call takes the slab path (one kernel) or the split path (two), see bn_triton.ops."""
 
     def count_of(self, name: str) -> int:
         return sum(1 for launched in self if launched == name)
+
+    def forward_calls(self) -> int:
+        """Forward calls: each writes y with exactly one of these kernels."""
+        return self.count_of("forward_slab_kernel") + self.count_of("normalize_kernel")
+
+    def batch_stat_calls(self) -> int:
+        """Forward calls that computed batch statistics."""
+        return self.count_of("forward_slab_kernel") + self.count_of("batch_stats_kernel")
+
+    def backward_calls(self) -> int:
+        """Backward calls: a slab kernel, or dy_sums and/or input_grad (one call either way)."""
+        calls = 0
+        for i, name in enumerate(self):
+            if name in ("backward_slab_kernel", "input_grad_kernel"):
+                calls += 1
+            elif name == "dy_sums_kernel" and self[i + 1:i + 2] != ["input_grad_kernel"]:
+                calls += 1
+        return calls
+
+
+@pytest.fixture(params=["auto", "split"])
+def path(request, monkeypatch) -> str:
+    """'auto': the plan's choice (slab where whole channels fit in registers); 'split': the
+    split path forced for every size, so that both paths see the same cases."""
+    if request.param == "split":
+        from bn_triton import ops
+        monkeypatch.setattr(ops, "MAX_SLAB_FORWARD", 0)
+        monkeypatch.setattr(ops, "MAX_SLAB_BACKWARD", 0)
+    return request.param
+
+
+def assert_path(launches: "LaunchLog", path: str) -> None:
+    """A forced split path never launched a slab kernel, and did launch the split ones."""
+    if path == "split":
+        assert "forward_slab_kernel" not in launches and "backward_slab_kernel" not in launches
+        assert any(name in launches for name in ("batch_stats_kernel", "normalize_kernel",
+                                                  "dy_sums_kernel", "input_grad_kernel"))
 
 
 @pytest.fixture

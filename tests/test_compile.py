@@ -38,7 +38,10 @@ def scenario(name, shape, dtype, targets, **call):
 
 
 # ResNet-50's first BN2d: S = 56·56 = 3136 = 16·196, so every stride is a multiple of 16.
+# M = 100352: the split path.
 RESNET = (32, 64, 56, 56)
+# M = 32·256 = 8192: the slab path both ways.
+SLAB = (32, 128, 16, 16)
 SCENARIOS = [
     *[scenario(f"nchw-{dtype}", RESNET, dtype, BOTH) for dtype in ALL_DTYPES],
     *[scenario(f"nhwc-{dtype}", RESNET, dtype, BOTH, layout="channels_last")
@@ -61,6 +64,14 @@ SCENARIOS = [
     # x one element past an aligned address (a view like flat[1:]): an unaligned pointer.
     scenario("offset-float32", (8, 16, 16, 16), "float32", BOTH, offset=1),
     scenario("offset-bfloat16", (8, 16, 16, 16), "bfloat16", SM90, offset=1),
+    # Small M: whole channels in registers, the slab kernels (one launch each way). S = 256:
+    # aligned rows; N·S = 8192 fills the backward slab exactly.
+    *[scenario(f"slab-nchw-{dtype}", SLAB, dtype, BOTH if dtype == "float32" else SM90)
+      for dtype in ALL_DTYPES],
+    scenario("slab-nhwc-float32", (32, 256, 6, 6), "float32", BOTH, layout="channels_last"),
+    scenario("slab-nhwc-bfloat16", (32, 256, 6, 6), "bfloat16", SM90, layout="channels_last"),
+    # A slab past 2³¹ elements (C = 300000 channels of M = 8192): INT64 slab offsets.
+    scenario("slab-huge-float32", (4, 300000, 2048), "float32", BOTH),
     # Past 2³¹ elements: INT64 offsets.
     scenario("huge-float32", (3, 64, 4096, 4096), "float32", BOTH),
     scenario("huge-bfloat16", (3, 64, 4096, 4096), "bfloat16", SM90),
@@ -89,11 +100,29 @@ for mode, call in MODES.items():
     SCENARIOS.append(scenario(f"{mode}-float32", RESNET, "float32", BOTH, **call))
     SCENARIOS.append(scenario(f"{mode}-bfloat16", RESNET, "bfloat16", SM90,
                               param_dtype="float32", **call))
+    SCENARIOS.append(scenario(f"slab-{mode}-float32", SLAB, "float32", BOTH, **call))
 
 CASES = [(s, cc) for s in SCENARIOS for cc in s["targets"]]
-STREAMING = {"welford_partials_kernel", "normalize_kernel", "dy_partials_kernel",
-             "input_grad_kernel"}
+STREAMING = {"batch_stats_kernel", "normalize_kernel", "dy_sums_kernel", "input_grad_kernel"}
 STORES_IN_LOOP = {"normalize_kernel", "input_grad_kernel"}
+SLABS = {"forward_slab_kernel", "backward_slab_kernel"}
+# A kernel without a loop (a slab, or a split of one tile, whose loop Triton specializes away)
+# is checked whole. Next to x/dy/y/dx it accesses a few per-channel vectors (pivot, mean,
+# invstd, γ, β, running stats, dγ, dβ), narrow and in numbers that vary with the layout, so
+# the check counts the 128-bit accesses instead: enough to move every value a thread holds of
+# each tensor it streams.
+STREAMED = {  # kernel -> (tensors loaded, tensors stored) given its constexprs
+    "batch_stats_kernel": lambda k: (1, 0),
+    "normalize_kernel": lambda k: (1, 1),
+    "forward_slab_kernel": lambda k: (1, 1),
+    "dy_sums_kernel": lambda k: (2, 0),
+    "input_grad_kernel": lambda k: (2 if k["BATCH_STATS"] else 1, 1),
+    # x is read only for dγ or for dx with batch statistics; dy always.
+    "backward_slab_kernel": lambda k: (
+        1 + (k["WRITE_GRAD_WEIGHT"] or (k["WRITE_GRAD_INPUT"] and k["BATCH_STATS"])),
+        1 if k["WRITE_GRAD_INPUT"] else 0),
+}
+ELEMENT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp64": 64}
 
 
 def aligned_nchw(s) -> bool:
@@ -166,12 +195,14 @@ def test_every_kernel_compiled_for_both_targets(compiled):
 
 
 FLAGS = {
-    "welford_partials_kernel": ("INT64",),
-    "dy_partials_kernel": ("INT64",),
-    "normalize_kernel": ("BATCH_STATS", "UPDATE_RUNNING", "MOMENTUM_FROM_COUNT", "HAS_WEIGHT",
-                         "HAS_BIAS", "INT64"),
-    "input_grad_kernel": ("HAS_PARTIALS", "BATCH_STATS", "HAS_WEIGHT", "WRITE_GRAD_WEIGHT",
-                          "WRITE_GRAD_BIAS", "WRITE_GRAD_INPUT", "INT64"),
+    "batch_stats_kernel": ("UPDATE_RUNNING", "MOMENTUM_FROM_COUNT", "INT64"),
+    "normalize_kernel": ("BATCH_STATS", "HAS_WEIGHT", "HAS_BIAS", "INT64"),
+    "forward_slab_kernel": ("UPDATE_RUNNING", "MOMENTUM_FROM_COUNT", "HAS_WEIGHT", "HAS_BIAS",
+                            "INT64"),
+    "dy_sums_kernel": ("WRITE_GRAD_WEIGHT", "WRITE_GRAD_BIAS", "INT64"),
+    "input_grad_kernel": ("BATCH_STATS", "HAS_WEIGHT", "INT64"),
+    "backward_slab_kernel": ("BATCH_STATS", "HAS_WEIGHT", "WRITE_GRAD_WEIGHT", "WRITE_GRAD_BIAS",
+                             "WRITE_GRAD_INPUT", "INT64"),
 }
 
 
@@ -198,10 +229,21 @@ def test_tile_loops_use_128_bit_accesses_on_sm90(compiled, s):
     checked = 0
     for key, spec, r in launches(compiled, s, 90):
         assert r["ok"], f"{key} fails to compile for sm_90:\n{r['error']}"
-        if spec["kernel"] not in STREAMING or spec["constexprs"].get("WRITE_GRAD_INPUT") is False:
-            continue  # input_grad_kernel without dx writes dγ/dβ only: no tile loop
-        if spec["constexprs"].get("tiles_per_split") == 1:
-            continue  # one tile per program: Triton specializes the 1, no loop is left
+        consts = spec["constexprs"]
+        if spec["kernel"] in SLABS or consts.get("tiles_per_split") == 1:
+            checked += 1
+            threads = 32 * spec["options"]["num_warps"]
+            values = consts["BLOCK_C"] * consts["BLOCK_S"] * consts.get("BLOCK_N", 1) / threads
+            bits = ELEMENT_BITS[spec["signature"]["x_ptr"].lstrip("*")]
+            vectors_per_tensor = math.ceil(values * bits / 128)
+            for kind, tensors in zip(("ld", "st"), STREAMED[spec["kernel"]](consts)):
+                wide = int(r[kind].get("128", 0))
+                assert wide >= tensors * vectors_per_tensor, (
+                    f"{key}: {wide} 128-bit accesses in {kind} ({r[kind]} bits: count) on sm_90,"
+                    f" fewer than {tensors} tensor(s) x {vectors_per_tensor} need")
+            continue
+        if spec["kernel"] not in STREAMING:
+            continue
         checked += 1
         where = f"{key} on sm_90 ({r.get('ptx_path')}); loop accesses:\n" + "\n".join(
             r["loop_lines"])
