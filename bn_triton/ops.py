@@ -24,9 +24,13 @@ Strides = Tuple[int, int, int]
 # 128-bit loads of float32 (two of half) per thread per tensor, which keeps enough bytes in
 # flight per SM on an H100 without spilling the kernels that hold x and dy tiles at once.
 MAX_TILE = 2048
-# Lanes that run along C when channels are the contiguous dim (channels_last, 2-D input):
-# 128 float32 channels are a 512-byte row, four full 128-byte lines.
-MAX_BLOCK_C_CHANNELS_LAST = 128
+# Rows of a split tile when channels are the contiguous dim (channels_last, 2-D input): one
+# full 128-byte line of channels (32 float32), which leaves rows along S to fill the tile and
+# more channel blocks to fill the GPU.
+ROW_BYTES_CHANNELS_LAST = 128
+# Values of a channel each split covers at least: a program also loads a few values per
+# channel (pivot, γ, β, statistics, its partials: about 10), which stay under ~2%.
+MIN_SPLIT_VALUES = 512
 # Split partials the last program of a channel block combines at once ([BLOCK_C, SPLITS_P2]).
 MAX_COMBINE_TILE = 4096
 # Programs per SM the split heuristic aims for: enough resident warps to cover DRAM latency.
@@ -67,7 +71,7 @@ def ncs_strides(t: torch.Tensor) -> Optional[Strides]:
     return t.stride(0), t.stride(1), stride_s
 
 
-def tile_shape(C: int, S: int, channels_contiguous: bool) -> Tuple[int, int]:
+def tile_shape(C: int, S: int, channels_contiguous: bool, element_size: int) -> Tuple[int, int]:
     """(BLOCK_C, BLOCK_S) of the tiles, at most MAX_TILE values.
 
     Lanes run along the contiguous dim so that loads coalesce (and vectorize when aligned):
@@ -75,7 +79,7 @@ def tile_shape(C: int, S: int, channels_contiguous: bool) -> Tuple[int, int]:
     what is left, so that few values per channel (7x7 maps) or few channels (C = 3) still fill
     the tile."""
     if channels_contiguous:
-        block_c = min(triton.next_power_of_2(C), MAX_BLOCK_C_CHANNELS_LAST)
+        block_c = min(triton.next_power_of_2(C), ROW_BYTES_CHANNELS_LAST // element_size)
         block_s = min(triton.next_power_of_2(S), MAX_TILE // block_c)
     else:
         block_s = min(triton.next_power_of_2(S), MAX_TILE)
@@ -173,7 +177,7 @@ def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.de
         block_c, block_n, block_s = slab
         extents = (block_c, block_n, block_s)
     else:
-        block_c, block_s = tile_shape(C, S, channels_contiguous)
+        block_c, block_s = tile_shape(C, S, channels_contiguous, element_size)
         tiles_per_n = triton.cdiv(S, block_s)
         extents = (block_c, N, tiles_per_n * block_s)
     # The largest offset a tile may form, masked lanes included.
@@ -188,7 +192,8 @@ def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.de
     c_blocks = triton.cdiv(C, block_c)
     max_splits = max(1, MAX_COMBINE_TILE // block_c)
     target = PROGRAMS_PER_SM * _sm_count(device)
-    splits = max(1, min(num_tiles, max_splits, triton.cdiv(target, c_blocks)))
+    splits = max(1, min(num_tiles, max_splits, triton.cdiv(target, c_blocks),
+                        N * S // MIN_SPLIT_VALUES))
     tiles_per_split = triton.cdiv(num_tiles, splits)
     splits = triton.cdiv(num_tiles, tiles_per_split)  # no split is left empty
     return Plan(**common, tiles_per_n=tiles_per_n, num_tiles=num_tiles,
@@ -348,7 +353,7 @@ def batch_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor],
     invstd = torch.empty_like(mean)
     strides = [ncs_strides(x), ncs_strides(y)]
     if not batch_stats:
-        plan = make_plan(x.shape, strides, x.device)
+        plan = make_plan(x.shape, strides, x.device, x.element_size())
         normalize(x, y, plan, weight, bias, mean, invstd, None, running_mean, running_var, eps)
         return y, mean, invstd
     plan = make_plan(x.shape, strides, x.device, x.element_size(), MAX_SLAB_FORWARD)
