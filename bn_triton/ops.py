@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import triton
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.interpreter import InterpretedFunction
 
-from .kernels import (backward_slab_kernel, batch_stats_kernel, dy_sums_kernel,
-                      forward_slab_kernel, input_grad_kernel, normalize_kernel)
+from . import kernels
 
 Strides = Tuple[int, int, int]
 
@@ -40,10 +42,15 @@ PROGRAMS_PER_SM = 4
 H100_SM_COUNT = 132
 NUM_WARPS = 4
 # The slab path holds a program's whole [BLOCK_C, BLOCK_N, BLOCK_S] slab in registers: at 16
-# warps (512 threads) 16384 float32 values are 32 registers a thread, which the forward (one
-# tensor live) affords without spilling; the backward keeps x and dy live, so half that.
-MAX_SLAB_FORWARD = 16384
-MAX_SLAB_BACKWARD = 8192
+# warps (512 threads) 16384 float32 values are 32 registers a thread per live tensor. ptxas
+# fits that without spilling for the forward (x) and, with channels strided, the backward
+# (x and dy: 64 registers); a channels-contiguous backward slab of 16384 spills, so it stops
+# at 8192. (strided channels, contiguous channels), values.
+MAX_SLAB_FORWARD = (16384, 16384)
+MAX_SLAB_BACKWARD = (16384, 8192)
+# Autotune configs of a slab kernel hold at most this many values a thread per live tensor
+# (more spill): forward, backward.
+MAX_SLAB_VALUES_PER_THREAD = {"forward_slab_kernel": 64, "backward_slab_kernel": 32}
 # Values a slab program aims for when channels are small: several channels per program.
 SLAB_TARGET = 4096
 # Rows of a channels-contiguous slab are BLOCK_C channels wide; below 32 bytes a row would
@@ -88,12 +95,14 @@ def tile_shape(C: int, S: int, channels_contiguous: bool, element_size: int) -> 
 
 
 def slab_shape(N: int, C: int, S: int, channels_contiguous: bool, element_size: int,
-               max_slab: int) -> Optional[Tuple[int, int, int]]:
+               max_slab: Tuple[int, int]) -> Optional[Tuple[int, int, int]]:
     """(BLOCK_C, BLOCK_N, BLOCK_S) of a slab holding whole channels, or None when the smallest
     useful slab exceeds max_slab values (then the split path runs).
 
     BLOCK_N ≥ N and BLOCK_S ≥ S (powers of two). Channels per program: as many as keep the slab
-    near SLAB_TARGET, and for channels-contiguous input at least MIN_ROW_BYTES of them."""
+    near SLAB_TARGET, and for channels-contiguous input at least MIN_ROW_BYTES of them.
+    max_slab: the limit with channels strided and with channels contiguous."""
+    max_slab = max_slab[1] if channels_contiguous else max_slab[0]
     per_channel = triton.next_power_of_2(N) * triton.next_power_of_2(S)
     min_channels = 1
     if channels_contiguous:
@@ -163,16 +172,18 @@ class Plan:
 
 
 def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.device,
-              element_size: int = 4, max_slab: int = 0) -> Plan:
+              element_size: int = 4, max_slab: Optional[Tuple[int, int]] = None) -> Plan:
     """Plan a call over tensors of one shape (N, C, *spatial) with the given (n, c, s) strides:
-    a slab when whole channels fit in max_slab values (0: never), splits otherwise."""
+    a slab when whole channels fit in max_slab values (see slab_shape; None: never), splits
+    otherwise."""
     N, C = shape[0], shape[1]
     S = math.prod(shape[2:])
     if all(stride_n == S * stride_s for stride_n, _, stride_s in strides):
         N, S = 1, N * S
         strides = [(0, stride_c, stride_s) for _, stride_c, stride_s in strides]
     channels_contiguous = strides[0][1] == 1 and strides[0][2] != 1
-    slab = slab_shape(N, C, S, channels_contiguous, element_size, max_slab) if max_slab else None
+    slab = (slab_shape(N, C, S, channels_contiguous, element_size, max_slab)
+            if max_slab is not None else None)
     if slab is not None:
         block_c, block_n, block_s = slab
         extents = (block_c, block_n, block_s)
@@ -216,6 +227,71 @@ def tickets(device: torch.device, count: int) -> torch.Tensor:
     return buffer
 
 
+# Autotuning, on a GPU only: the warps (and pipelining stages) of each kernel, keyed on its tile
+# shape and split count, which bucket (M, C, layout), and on the dtypes (Triton adds those).
+# Tile shapes stay with the plan: they set the grid, and the traffic model counts on them.
+# A kernel that updates the running statistics is tuned with restore_value, so benchmarking
+# its configs leaves one update, not one per trial; the tickets need nothing (every run
+# leaves them zeroed). Under the interpreter, or with BN_TRITON_AUTOTUNE=0, the fixed
+# heuristic (NUM_WARPS, Plan.slab_num_warps) runs instead: autotuning there has nothing to time.
+SPLIT_KEY = ["BLOCK_C", "BLOCK_S", "num_splits", "INT64"]
+SLAB_KEY = ["BLOCK_C", "BLOCK_N", "BLOCK_S", "INT64"]
+SPLIT_CONFIGS = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3)]
+SLAB_CONFIGS = [triton.Config({}, num_warps=w) for w in (8, 16)]
+RUNNING = ["running_mean_ptr", "running_var_ptr"]
+TUNING = {  # kernel name -> (key, configs, restore_value)
+    "batch_stats_kernel": (SPLIT_KEY, SPLIT_CONFIGS, RUNNING),
+    "normalize_kernel": (SPLIT_KEY, SPLIT_CONFIGS, []),
+    "forward_slab_kernel": (SLAB_KEY, SLAB_CONFIGS, RUNNING),
+    "dy_sums_kernel": (SPLIT_KEY, SPLIT_CONFIGS, []),
+    "input_grad_kernel": (SPLIT_KEY, SPLIT_CONFIGS, []),
+    "backward_slab_kernel": (SLAB_KEY, SLAB_CONFIGS, []),
+}
+
+
+def candidate_configs(name: str, configs: Sequence[triton.Config], meta: dict) -> list:
+    """The configs of kernel `name` worth timing for a launch with constexprs `meta`: for a
+    slab kernel, those whose threads hold at most MAX_SLAB_VALUES_PER_THREAD values each (the
+    widest config stays if none does)."""
+    if name not in MAX_SLAB_VALUES_PER_THREAD:
+        return list(configs)
+    values = meta["BLOCK_C"] * meta["BLOCK_N"] * meta["BLOCK_S"]
+    kept = [config for config in configs
+            if values // (32 * config.num_warps) <= MAX_SLAB_VALUES_PER_THREAD[name]]
+    return kept or [max(configs, key=lambda config: config.num_warps)]
+
+
+def tuned(name: str, do_bench: Optional[Callable] = None):
+    """Kernel `name` wrapped in triton.autotune over its TUNING entry (do_bench: Triton's
+    own benchmarker when None), timing only its candidate_configs."""
+    key, configs, restore_value = TUNING[name]
+
+    def prune(configs, named_args, **meta):
+        return candidate_configs(name, configs, {**named_args, **meta})
+
+    return triton.autotune(configs=configs, key=key, restore_value=restore_value,
+                           prune_configs_by={"early_config_prune": prune},
+                           do_bench=do_bench)(getattr(kernels, name))
+
+
+def _launchers() -> dict:
+    interpreted = isinstance(kernels.normalize_kernel, InterpretedFunction)
+    if interpreted or os.environ.get("BN_TRITON_AUTOTUNE") == "0":
+        return {name: getattr(kernels, name) for name in TUNING}
+    return {name: tuned(name) for name in TUNING}
+
+
+LAUNCHERS = _launchers()
+
+
+def _launch(name: str, grid, num_warps: int, **arguments) -> None:
+    """Launch kernel `name`: the autotuner picks warps and stages where it runs, the heuristic
+    num_warps elsewhere."""
+    kernel = LAUNCHERS[name]
+    options = {} if isinstance(kernel, Autotuner) else {"num_warps": num_warps}
+    kernel[grid](**arguments, **options)
+
+
 def _float64_pair(name: str, value: float) -> dict:
     """value as float32 + float32 remainder (Triton passes Python floats as float32): the
     float64 kernels add both back and see the float64 value to 2⁻⁴⁸ relative."""
@@ -246,12 +322,13 @@ def batch_statistics(x: torch.Tensor, plan: Plan, mean: torch.Tensor, invstd: to
     part_mean = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=x.device)
     part_m2 = torch.empty_like(part_mean)
     centre = torch.empty_like(mean)
-    batch_stats_kernel[plan.grid](
-        x, part_mean, part_m2, tickets(x.device, plan.grid[0]), mean, invstd, centre,
+    _launch("batch_stats_kernel", plan.grid, NUM_WARPS, x_ptr=x, part_mean_ptr=part_mean,
+        part_m2_ptr=part_m2, tickets_ptr=tickets(x.device, plan.grid[0]), mean_ptr=mean,
+        invstd_ptr=invstd, centre_ptr=centre,
         **_running_args(running_mean, running_var, num_batches_tracked, momentum),
         **plan.split_args(), M=plan.M, **_float64_pair("eps", eps),
         **_strides("x", plan.strides[0]), BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S,
-        SPLITS_P2=plan.SPLITS_P2, INT64=plan.INT64, num_warps=NUM_WARPS)
+        SPLITS_P2=plan.SPLITS_P2, INT64=plan.INT64)
     return centre
 
 
@@ -261,12 +338,13 @@ def normalize(x: torch.Tensor, y: torch.Tensor, plan: Plan, weight: Optional[tor
               running_var: Optional[torch.Tensor], eps: float) -> None:
     """Launch normalize_kernel: y from batch statistics (centre given: mean, invstd, centre
     from batch_statistics) or from the running ones (then mean and invstd are written)."""
-    normalize_kernel[plan.grid](
-        x, y, weight, bias, mean, invstd, centre, running_mean, running_var,
-        **plan.split_args(), **_float64_pair("eps", eps), **_strides("x", plan.strides[0]),
+    _launch("normalize_kernel", plan.grid, NUM_WARPS, x_ptr=x, y_ptr=y, weight_ptr=weight,
+        bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, centre_ptr=centre,
+        running_mean_ptr=running_mean, running_var_ptr=running_var, **plan.split_args(),
+        **_float64_pair("eps", eps), **_strides("x", plan.strides[0]),
         **_strides("y", plan.strides[1]), BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S,
-        BATCH_STATS=centre is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, INT64=plan.INT64, num_warps=NUM_WARPS)
+        BATCH_STATS=centre is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        INT64=plan.INT64)
 
 
 def forward_slab(x: torch.Tensor, y: torch.Tensor, plan: Plan, weight: Optional[torch.Tensor],
@@ -275,14 +353,13 @@ def forward_slab(x: torch.Tensor, y: torch.Tensor, plan: Plan, weight: Optional[
                  num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float],
                  eps: float) -> None:
     """Launch forward_slab_kernel: the whole training forward in one pass."""
-    forward_slab_kernel[plan.grid](
-        x, y, weight, bias, mean, invstd,
-        **_running_args(running_mean, running_var, num_batches_tracked, momentum),
-        C=plan.C, N=plan.N, S=plan.S, M=plan.M, **_float64_pair("eps", eps),
-        **_strides("x", plan.strides[0]), **_strides("y", plan.strides[1]),
-        BLOCK_C=plan.BLOCK_C, BLOCK_N=plan.BLOCK_N, BLOCK_S=plan.BLOCK_S,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, INT64=plan.INT64,
-        num_warps=plan.slab_num_warps)
+    _launch("forward_slab_kernel", plan.grid, plan.slab_num_warps, x_ptr=x, y_ptr=y,
+        weight_ptr=weight, bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd,
+        **_running_args(running_mean, running_var, num_batches_tracked, momentum), C=plan.C,
+        N=plan.N, S=plan.S, M=plan.M, **_float64_pair("eps", eps),
+        **_strides("x", plan.strides[0]), **_strides("y", plan.strides[1]), BLOCK_C=plan.BLOCK_C,
+        BLOCK_N=plan.BLOCK_N, BLOCK_S=plan.BLOCK_S, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, INT64=plan.INT64)
 
 
 def dy_sums(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean: torch.Tensor,
@@ -293,14 +370,14 @@ def dy_sums(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean: torch.Tensor,
     part_sum_dy = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=x.device)
     part_sum_dy_xmu = torch.empty_like(part_sum_dy)
     mean_dy, mean_dy_xhat = torch.empty_like(mean), torch.empty_like(mean)
-    dy_sums_kernel[plan.grid](
-        x, dy, mean, invstd, part_sum_dy, part_sum_dy_xmu, tickets(x.device, plan.grid[0]),
-        mean_dy, mean_dy_xhat, grad_weight, grad_bias, **plan.split_args(),
-        **_float64_pair("inv_count", 1.0 / plan.M),
-        **_strides("x", plan.strides[0]), **_strides("dy", plan.strides[1]),
-        BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2,
-        WRITE_GRAD_WEIGHT=grad_weight is not None, WRITE_GRAD_BIAS=grad_bias is not None,
-        INT64=plan.INT64, num_warps=NUM_WARPS)
+    _launch("dy_sums_kernel", plan.grid, NUM_WARPS, x_ptr=x, dy_ptr=dy, mean_ptr=mean,
+        invstd_ptr=invstd, part_sum_dy_ptr=part_sum_dy, part_sum_dy_xmu_ptr=part_sum_dy_xmu,
+        tickets_ptr=tickets(x.device, plan.grid[0]), mean_dy_ptr=mean_dy,
+        mean_dy_xhat_ptr=mean_dy_xhat, grad_weight_ptr=grad_weight, grad_bias_ptr=grad_bias,
+        **plan.split_args(), **_float64_pair("inv_count", 1.0 / plan.M),
+        **_strides("x", plan.strides[0]), **_strides("dy", plan.strides[1]), BLOCK_C=plan.BLOCK_C,
+        BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2, WRITE_GRAD_WEIGHT=grad_weight is not None,
+        WRITE_GRAD_BIAS=grad_bias is not None, INT64=plan.INT64)
     return mean_dy, mean_dy_xhat
 
 
@@ -310,12 +387,12 @@ def input_grad(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, plan: Plan,
     """Launch input_grad_kernel: dx with batch statistics (coefficients from dy_sums) or with
     constant ones (coefficients None; x is not read)."""
     mean_dy, mean_dy_xhat = coefficients if coefficients is not None else (None, None)
-    input_grad_kernel[plan.grid](
-        x, dy, dx, weight, mean, invstd, mean_dy, mean_dy_xhat, **plan.split_args(),
-        **_strides("x", plan.strides[0]), **_strides("dy", plan.strides[1]),
-        **_strides("dx", plan.strides[2]), BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S,
-        BATCH_STATS=coefficients is not None, HAS_WEIGHT=weight is not None,
-        INT64=plan.INT64, num_warps=NUM_WARPS)
+    _launch("input_grad_kernel", plan.grid, NUM_WARPS, x_ptr=x, dy_ptr=dy, dx_ptr=dx,
+        weight_ptr=weight, mean_ptr=mean, invstd_ptr=invstd, mean_dy_ptr=mean_dy,
+        mean_dy_xhat_ptr=mean_dy_xhat, **plan.split_args(), **_strides("x", plan.strides[0]),
+        **_strides("dy", plan.strides[1]), **_strides("dx", plan.strides[2]), BLOCK_C=plan.BLOCK_C,
+        BLOCK_S=plan.BLOCK_S, BATCH_STATS=coefficients is not None, HAS_WEIGHT=weight is not None,
+        INT64=plan.INT64)
 
 
 def backward_slab(x: torch.Tensor, dy: torch.Tensor, dx: Optional[torch.Tensor], plan: Plan,
@@ -324,14 +401,14 @@ def backward_slab(x: torch.Tensor, dy: torch.Tensor, dx: Optional[torch.Tensor],
                   grad_bias: Optional[torch.Tensor]) -> None:
     """Launch backward_slab_kernel: dγ, dβ and dx (those given) in one pass."""
     dx_strides = plan.strides[2] if dx is not None else (0, 0, 0)
-    backward_slab_kernel[plan.grid](
-        x, dy, dx, weight, mean, invstd, grad_weight, grad_bias,
-        C=plan.C, N=plan.N, S=plan.S, M=plan.M, **_strides("x", plan.strides[0]),
-        **_strides("dy", plan.strides[1]), **_strides("dx", dx_strides),
-        BLOCK_C=plan.BLOCK_C, BLOCK_N=plan.BLOCK_N, BLOCK_S=plan.BLOCK_S,
-        BATCH_STATS=batch_stats, HAS_WEIGHT=weight is not None,
+    _launch("backward_slab_kernel", plan.grid, plan.slab_num_warps, x_ptr=x, dy_ptr=dy, dx_ptr=dx,
+        weight_ptr=weight, mean_ptr=mean, invstd_ptr=invstd, grad_weight_ptr=grad_weight,
+        grad_bias_ptr=grad_bias, C=plan.C, N=plan.N, S=plan.S, M=plan.M,
+        **_strides("x", plan.strides[0]), **_strides("dy", plan.strides[1]),
+        **_strides("dx", dx_strides), BLOCK_C=plan.BLOCK_C, BLOCK_N=plan.BLOCK_N,
+        BLOCK_S=plan.BLOCK_S, BATCH_STATS=batch_stats, HAS_WEIGHT=weight is not None,
         WRITE_GRAD_WEIGHT=grad_weight is not None, WRITE_GRAD_BIAS=grad_bias is not None,
-        WRITE_GRAD_INPUT=dx is not None, INT64=plan.INT64, num_warps=plan.slab_num_warps)
+        WRITE_GRAD_INPUT=dx is not None, INT64=plan.INT64)
 
 
 def kernel_ready(t: torch.Tensor) -> torch.Tensor:
@@ -384,7 +461,7 @@ def batch_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torc
     strides = [ncs_strides(x), ncs_strides(dy)] + ([ncs_strides(dx)] if want_dx else [])
     need_sums = (want_dx and batch_stats) or want_dw or want_db
     plan = make_plan(x.shape, strides, x.device, x.element_size(),
-                     MAX_SLAB_BACKWARD if need_sums else 0)
+                     MAX_SLAB_BACKWARD if need_sums else None)
     if plan.slab:
         backward_slab(x, dy, dx, plan, weight, mean, invstd, batch_stats, grad_weight,
                       grad_bias)

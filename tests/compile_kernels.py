@@ -288,6 +288,21 @@ def main() -> None:
             key = spec_keys[canonical]
             keys.append(key)
             targets.setdefault(key, set()).update(scenario["targets"])
+            if scenario.get("all_configs"):
+                # Every config the GPU autotuner may pick (ops.TUNING), for sm_90.
+                from bn_triton import ops
+                configs = ops.TUNING[spec["kernel"]][1]
+                for config in ops.candidate_configs(spec["kernel"], configs,
+                                                    spec["constexprs"]):
+                    options = dict(spec["options"], num_warps=config.num_warps,
+                                   num_stages=config.num_stages)
+                    variant = dict(spec, options=options)
+                    canonical = json.dumps(variant, sort_keys=True)
+                    if canonical not in spec_keys:
+                        spec_keys[canonical] = f"{spec['kernel']}-{len(spec_keys)}"
+                        specs[spec_keys[canonical]] = variant
+                    keys.append(spec_keys[canonical])
+                    targets.setdefault(spec_keys[canonical], set()).add(90)
         scenarios[scenario["name"]] = keys
 
     jobs = [(key, specs[key], cc, dump_dir) for key in specs for cc in sorted(targets[key])]

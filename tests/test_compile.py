@@ -43,9 +43,11 @@ RESNET = (32, 64, 56, 56)
 # M = 32·256 = 8192: the slab path both ways.
 SLAB = (32, 128, 16, 16)
 SCENARIOS = [
-    *[scenario(f"nchw-{dtype}", RESNET, dtype, BOTH) for dtype in ALL_DTYPES],
-    *[scenario(f"nhwc-{dtype}", RESNET, dtype, BOTH, layout="channels_last")
+    # all_configs: also every config the GPU autotuner may pick (ops.TUNING), for sm_90.
+    *[scenario(f"nchw-{dtype}", RESNET, dtype, BOTH, all_configs=dtype != "float64")
       for dtype in ALL_DTYPES],
+    *[scenario(f"nhwc-{dtype}", RESNET, dtype, BOTH, layout="channels_last",
+               all_configs=dtype == "float32") for dtype in ALL_DTYPES],
     # Half input with float32 weight, bias and running stats (autocast's BatchNorm).
     *[scenario(f"nchw-{dtype}-fp32-params", RESNET, dtype, BOTH, param_dtype="float32")
       for dtype in ("float16", "bfloat16")],
@@ -66,14 +68,21 @@ SCENARIOS = [
     scenario("offset-bfloat16", (8, 16, 16, 16), "bfloat16", SM90, offset=1),
     # Small M: whole channels in registers, the slab kernels (one launch each way). S = 256:
     # aligned rows; N·S = 8192 fills the backward slab exactly.
-    *[scenario(f"slab-nchw-{dtype}", SLAB, dtype, BOTH if dtype == "float32" else SM90)
-      for dtype in ALL_DTYPES],
-    scenario("slab-nhwc-float32", (32, 256, 6, 6), "float32", BOTH, layout="channels_last"),
+    *[scenario(f"slab-nchw-{dtype}", SLAB, dtype, BOTH if dtype == "float32" else SM90,
+               all_configs=dtype != "float64") for dtype in ALL_DTYPES],
+    scenario("slab-nhwc-float32", (32, 256, 6, 6), "float32", BOTH, layout="channels_last",
+             all_configs=True),
     scenario("slab-nhwc-bfloat16", (32, 256, 6, 6), "bfloat16", SM90, layout="channels_last"),
+    # The largest slabs: N·S = 16384 values a channel (NCHW), and channels-last M = 2048 with
+    # rows of 8 float32 / 16 bfloat16 channels.
+    scenario("slab-max-float32", (64, 32, 16, 16), "float32", BOTH, all_configs=True),
+    scenario("slab-max-bfloat16", (64, 32, 16, 16), "bfloat16", SM90, all_configs=True),
+    scenario("slab-max-nhwc-float32", (32, 64, 8, 8), "float32", BOTH, layout="channels_last",
+             all_configs=True),
     # A slab past 2³¹ elements (C = 300000 channels of M = 8192): INT64 slab offsets.
     scenario("slab-huge-float32", (4, 300000, 2048), "float32", BOTH),
     # Past 2³¹ elements: INT64 offsets.
-    scenario("huge-float32", (3, 64, 4096, 4096), "float32", BOTH),
+    scenario("huge-float32", (3, 64, 4096, 4096), "float32", BOTH, all_configs=True),
     scenario("huge-bfloat16", (3, 64, 4096, 4096), "bfloat16", SM90),
     scenario("huge-nhwc-float32", (3, 64, 4096, 4096), "float32", SM90, layout="channels_last"),
     # BN3d on channels_last_3d video activations.
@@ -142,7 +151,10 @@ def compiled(tmp_path_factory):
     """The subprocess's results: scenarios -> launch keys, specs, results[key][cc]."""
     tmp = tmp_path_factory.mktemp("compile")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp / "cache"))
+    # Autotuning needs a GPU to time configs: the launches are recorded with the fixed
+    # heuristic, and the scenarios marked all_configs add every autotune config.
+    env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp / "cache"),
+               BN_TRITON_AUTOTUNE="0")
     request = json.dumps({"scenarios": SCENARIOS, "dump_dir": str(tmp)})
     proc = subprocess.run([sys.executable, str(HERE / "compile_kernels.py")], input=request,
                           capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=900)
@@ -184,7 +196,9 @@ def launches(compiled, s, cc):
     """(key, spec, result) of each launch of scenario s for target cc."""
     keys = compiled["scenarios"][s["name"]]
     assert keys, f"{s['name']}: no kernel was launched"
-    return [(key, compiled["specs"][key], compiled["results"][key][str(cc)]) for key in keys]
+    # Autotune config variants are built for sm_90 only.
+    return [(key, compiled["specs"][key], compiled["results"][key][str(cc)]) for key in keys
+            if str(cc) in compiled["results"][key]]
 
 
 def test_every_kernel_compiled_for_both_targets(compiled):

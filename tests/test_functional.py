@@ -319,7 +319,8 @@ def test_int64_offsets_path(device, launches, monkeypatch, path):
     # A slab pads N and S to powers of two, and masked lanes form offsets too: (5, 2, S) with
     # S = 3·2²⁶ reaches 10·S - 1 < 2³¹ but its padded slab (8 x 2²⁸) reaches past 2³¹.
     S = 3 * 2**26
-    padded = ops.make_plan((5, 2, S), [(2 * S, S, 1)] * 2, torch.device("cpu"), 4, 2**32)
+    padded = ops.make_plan((5, 2, S), [(2 * S, S, 1)] * 2, torch.device("cpu"), 4,
+                           (2**32, 2**32))
     assert padded.slab and padded.INT64
     x = torch.randn(4, 3, 50, device=device)
     grad_output = torch.randn_like(x)
