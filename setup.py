@@ -14,5 +14,7 @@ setup(
     package_dir={"bn_triton": "bn_triton", "bn_triton.kernels": "kernels"},
     # torch 2.11 / triton 3.6 (the GPU machines) up to torch 2.13 / triton 3.9 (here).
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-benchmark"],
+                    # benchmarks/: pytest-benchmark files and `python -m benchmarks`' charts
+                    "bench": ["matplotlib", "pytest-benchmark"]},
 )
