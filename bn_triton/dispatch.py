@@ -4,6 +4,10 @@ CUDA tensors run the compiled Triton kernels. CPU tensors run the same kernels t
 interpreter when TRITON_INTERPRET=1 was set before triton was imported (Triton reads it when a
 kernel is decorated); otherwise they fall back to torch's own batch norm.
 """
+import os
+import sys
+from typing import Sequence
+
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
@@ -23,3 +27,14 @@ def backend(tensor: torch.Tensor) -> str:
     if tensor.device.type == "cpu" and interpreted:
         return INTERPRETER
     return TORCH
+
+
+def rerun_with_interpreter_if_no_gpu(module: str, argv: Sequence[str]) -> None:
+    """For command-line entry points: without a GPU the kernels run through Triton's
+    interpreter, which Triton reads from TRITON_INTERPRET when it is imported. bn_triton (and
+    so triton) is imported before a `python -m` module's code runs, so the command starts
+    itself again, `python -m module *argv`, with the variable set. Returns where nothing needs
+    doing (a GPU, or the variable already set)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
