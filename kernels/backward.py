@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .forward import slab_offsets
-from .stats import finished_last, tile_offsets
+from .stats import channel_scale, finished_last, tile_offsets
 
 
 @triton.jit
@@ -101,9 +101,7 @@ def input_grad_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
+    scale = channel_scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
     if BATCH_STATS:
         mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
         mean_dy = tl.load(mean_dy_ptr + c, mask=c_mask, other=0.0)
@@ -165,9 +163,7 @@ def backward_slab_kernel(
         tl.store(grad_bias_ptr + c, sum_dy.to(grad_bias_ptr.dtype.element_ty), mask=c_mask)
 
     if WRITE_GRAD_INPUT:
-        scale = invstd
-        if HAS_WEIGHT:
-            scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
+        scale = channel_scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
         if BATCH_STATS:
             mean_dy = sum_dy / M
             xmu_coef = invstd * sum_dy_xhat / M

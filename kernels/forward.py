@@ -13,7 +13,8 @@ unrounded, so a large common offset cancels before anything is rounded (see stat
 import triton
 import triton.language as tl
 
-from .stats import channel_pivot, inverse_std, tile_offsets, update_running_stats
+from .stats import (channel_pivot, channel_scale, channel_shift, inverse_std, tile_offsets,
+                    update_running_stats)
 
 
 @triton.jit
@@ -51,13 +52,8 @@ def normalize_kernel(
             tl.store(mean_ptr + c, centre, mask=c_mask)
             tl.store(invstd_ptr + c, invstd, mask=c_mask)
 
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
-    if HAS_BIAS:
-        shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
-    else:
-        shift = tl.zeros([BLOCK_C], acc_dtype)
+    scale = channel_scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
+    shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
 
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
@@ -127,13 +123,8 @@ def forward_slab_kernel(
         update_running_stats(running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, c,
                              c_mask, mean, var, M, momentum, momentum_lo, MOMENTUM_FROM_COUNT)
 
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
-    if HAS_BIAS:
-        shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
-    else:
-        shift = tl.zeros([BLOCK_C], acc_dtype)
+    scale = channel_scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
+    shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
     y = x * scale[:, None, None] + shift[:, None, None]
     y_offsets, _ = slab_offsets(pid_c, C, N, S, stride_yn, stride_yc, stride_ys,
                                 BLOCK_C, BLOCK_N, BLOCK_S, INT64)

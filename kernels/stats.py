@@ -87,6 +87,25 @@ def inverse_std(var, eps):
 
 
 @triton.jit
+def channel_scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT: tl.constexpr):
+    """scale = γ·invstd per channel (γ = 1 when absent), in invstd's dtype: forward's
+    y = (x - mean)·scale + β and backward's dx = scale·(...)."""
+    if HAS_WEIGHT:
+        return invstd * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(invstd.dtype)
+    else:
+        return invstd
+
+
+@triton.jit
+def channel_shift(bias_ptr, c, c_mask, like, HAS_BIAS: tl.constexpr):
+    """shift = β per channel (0 when absent), in the dtype and shape of `like`."""
+    if HAS_BIAS:
+        return tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(like.dtype)
+    else:
+        return tl.zeros(like.shape, like.dtype)
+
+
+@triton.jit
 def update_running_stats(running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, c, c_mask,
                          mean, var, M, momentum, momentum_lo,
                          MOMENTUM_FROM_COUNT: tl.constexpr):
