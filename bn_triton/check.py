@@ -111,8 +111,8 @@ def main(device: Optional[str] = None) -> int:
     warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = backend(torch.empty(0, device=device))
-    print(f"bn_triton check on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}),"
-          f" path: {path}; torch {torch.__version__}")
+    machine = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"bn_triton check on {device} ({machine}), path: {path}; torch {torch.__version__}")
     print("max |error| against the float64 reference (bn_triton / torch):\n")
     header = (f"{'case':<20} {'dtype':<9} {'mode':<5} {'y':>19} {'dx':>19} {'dgamma':>19} "
               f"{'running_var':>19}  ok")
@@ -135,5 +135,6 @@ def main(device: Optional[str] = None) -> int:
                 rows.append(row)
                 print(row, flush=True)
     total = len(CASES) * len(DTYPES) * 2
-    print(f"\n{total - failures}/{total} cases pass on path '{path}' in {time.time() - start:.0f} s")
+    seconds = time.time() - start
+    print(f"\n{total - failures}/{total} cases pass on path '{path}' in {seconds:.0f} s")
     return 1 if failures else 0

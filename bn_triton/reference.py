@@ -2,8 +2,8 @@
 
 S. Ioffe and C. Szegedy, Batch Normalization, arXiv:1502.03167.
 - Algorithm 1 (training): over a mini-batch B = {x_1..m} of one channel
-      μ_B = (1/m) Σ x_i,   σ²_B = (1/m) Σ (x_i - μ_B)²,   x̂_i = (x_i - μ_B)/sqrt(σ²_B + ε),
-      y_i = γ·x̂_i + β.
+      μ_B = (1/m) Σ x_i,   σ²_B = (1/m) Σ (x_i - μ_B)²,
+      x̂_i = (x_i - μ_B)/sqrt(σ²_B + ε),   y_i = γ·x̂_i + β.
 - Inference (section 3.1, Algorithm 2 lines 8-11): y = γ·(x - E[x])/sqrt(Var[x] + ε) + β with
   population estimates; like torch, those are running averages, Var from the unbiased
   m/(m-1)·σ²_B.
