@@ -10,11 +10,13 @@ setup(
     python_requires=">=3.9",
     # The kernels live in kernels/ at the root and install as bn_triton.kernels only: a
     # top-level `kernels` package would clash with another project of that name on PyPI.
-    packages=["bn_triton", "bn_triton.kernels"],
+    packages=["bn_triton", "bn_triton.kernels", "bn_triton.experiments"],
     package_dir={"bn_triton": "bn_triton", "bn_triton.kernels": "kernels"},
     # torch 2.11 / triton 3.6 (the GPU machines) up to torch 2.13 / triton 3.9 (here).
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],
                     # benchmarks/: pytest-benchmark files and `python -m benchmarks`' charts
-                    "bench": ["matplotlib", "pytest-benchmark"]},
+                    "bench": ["matplotlib", "pytest-benchmark"],
+                    # python -m bn_triton.experiments: the bundled digits data set, the plots
+                    "experiments": ["scikit-learn", "matplotlib"]},
 )
