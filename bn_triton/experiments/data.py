@@ -6,7 +6,7 @@ uint32; then the values, big-endian, in C order.
 """
 import gzip
 import os
-from typing import NamedTuple, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -104,3 +104,11 @@ def load(data_dir: Optional[str] = None, device="cpu") -> Dataset:
 
     return Dataset(images(train_images), labels(train_labels), images(test_images),
                    labels(test_labels), source)
+
+
+def batches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Mini-batch indices forever: a fresh permutation each epoch, cut into whole batches."""
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - size + 1, size):
+            yield order[start:start + size]

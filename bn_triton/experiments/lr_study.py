@@ -37,7 +37,7 @@ from torch import nn
 import bn_triton
 
 from .common import header, pick_device, progress, set_seed
-from .data import Dataset, load
+from .data import Dataset, batches, load
 
 DEFAULT_STEPS = 200  # about 3 minutes on a 2-core CPU with the kernels interpreted
 BASE_LR = 0.01
@@ -82,14 +82,6 @@ def accuracy(model: nn.Sequential, data: Dataset) -> float:
     correct = (model(data.test_images).argmax(1) == data.test_labels).float().mean().item()
     model.train()
     return correct
-
-
-def batches(n: int, size: int, generator: torch.Generator):
-    """Mini-batch indices forever: a fresh permutation each epoch, cut into whole batches."""
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - size + 1, size):
-            yield order[start:start + size]
 
 
 def train(model: nn.Sequential, data: Dataset, lr: float, steps: int, seed: int,

@@ -12,7 +12,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from torch import nn
 import bn_triton
 
 from .common import header, pick_device, progress, set_seed
-from .data import Dataset, load
+from .data import Dataset, batches, load
 
 DEFAULT_STEPS = 400  # the whole command: ~2 minutes on a 2-core CPU, kernels interpreted
 LR = 1.0
@@ -66,14 +66,6 @@ def evaluate(model: nn.Sequential, data: Dataset) -> Tuple[float, List[float]]:
     accuracy = (logits.argmax(1) == data.test_labels).float().mean().item()
     q = torch.tensor(PERCENTILES, dtype=torch.float32, device=sigmoid_input.device) / 100
     return accuracy, torch.quantile(sigmoid_input[:, UNIT], q).tolist()
-
-
-def batches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Mini-batch indices forever: a fresh permutation each epoch, cut into whole batches."""
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - size + 1, size):
-            yield order[start:start + size]
 
 
 def train(model: nn.Sequential, data: Dataset, steps: int, every: int, seed: int,
