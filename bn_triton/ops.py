@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import struct
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -296,7 +297,7 @@ def _float64_pair(name: str, value: float) -> dict:
     """value as float32 + float32 remainder (Triton passes Python floats as float32): the
     float64 kernels add both back and see the float64 value to 2⁻⁴⁸ relative."""
     value = float(value)
-    high = float(torch.tensor(value, dtype=torch.float32))
+    high = struct.unpack("f", struct.pack("f", value))[0]  # rounded to float32, no tensor
     return {name: high, f"{name}_lo": value - high}
 
 
