@@ -42,22 +42,29 @@ PROGRAMS_PER_SM = 4
 # are those the GPU would see.
 H100_SM_COUNT = 132
 NUM_WARPS = 4
-# The slab path holds a program's whole [BLOCK_C, BLOCK_N, BLOCK_S] slab in registers: at 16
-# warps (512 threads) 16384 float32 values are 32 registers a thread per live tensor. ptxas
-# fits that without spilling for the forward (x) and, with channels strided, the backward
-# (x and dy: 64 registers); a channels-contiguous backward slab of 16384 spills, so it stops
-# at 8192. (strided channels, contiguous channels), values.
-MAX_SLAB_FORWARD = (16384, 16384)
-MAX_SLAB_BACKWARD = (16384, 8192)
+# The slab path holds a program's whole [BLOCK_C, BLOCK_N, BLOCK_S] slab in registers, one
+# register a value (two for float64). The budgets, in float32 values a program, fill an SM's
+# register file (64K 32-bit registers) with one 16-warp program: the forward holds one tensor
+# (x), 64 values a thread; the backward two (x and dy), 32 values each. ptxas fits both
+# without spilling for every layout, dtype and flag (tests/test_compile.py); twice either
+# spills. float64 values take two registers and 64-bit addressing leaves less room: a quarter
+# as many (half spills).
+MAX_SLAB_FORWARD = 32768
+MAX_SLAB_BACKWARD = 16384
 # Autotune configs of a slab kernel hold at most this many values a thread per live tensor
 # (more spill): forward, backward.
 MAX_SLAB_VALUES_PER_THREAD = {"forward_slab_kernel": 64, "backward_slab_kernel": 32}
 # Values a slab program aims for when channels are small: several channels per program.
 SLAB_TARGET = 4096
-# Rows of a channels-contiguous slab are BLOCK_C channels wide; below 32 bytes a row would
-# leave DRAM sectors half used, so BLOCK_C is at least 32 bytes' worth of channels. This is
-# what stops the channels-last slab early (M ≤ 2048 for a float32 forward).
-MIN_ROW_BYTES = 32
+# Rows of a channels-contiguous slab (channels_last, 2-D input) are BLOCK_C channels wide.
+# They are a full 32-byte DRAM sector when the slab fits, and narrow to 16 bytes when it
+# would not: one 128-bit access a row still, half of each sector. The other half is the
+# neighbouring channel block's, which runs at the same time, so L2 should serve it and DRAM
+# move each sector once (expected; not yet measured on a GPU). Narrower rows would give up
+# 128-bit accesses and three quarters of every sector, so the channels-contiguous slab stops
+# there: M ≤ 8192 (float32) / 4096 (half) forward, 4096 / 2048 backward.
+SECTOR_BYTES = 32
+MIN_ROW_BYTES = 16
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,21 +103,29 @@ def tile_shape(C: int, S: int, channels_contiguous: bool, element_size: int) -> 
 
 
 def slab_shape(N: int, C: int, S: int, channels_contiguous: bool, element_size: int,
-               max_slab: Tuple[int, int]) -> Optional[Tuple[int, int, int]]:
+               max_values: int) -> Optional[Tuple[int, int, int]]:
     """(BLOCK_C, BLOCK_N, BLOCK_S) of a slab holding whole channels, or None when the smallest
-    useful slab exceeds max_slab values (then the split path runs).
+    useful slab exceeds max_values float32 values (a quarter as many float64); then the split
+    path runs.
 
     BLOCK_N ≥ N and BLOCK_S ≥ S (powers of two). Channels per program: as many as keep the slab
-    near SLAB_TARGET, and for channels-contiguous input at least MIN_ROW_BYTES of them.
-    max_slab: the limit with channels strided and with channels contiguous."""
-    max_slab = max_slab[1] if channels_contiguous else max_slab[0]
+    near SLAB_TARGET; for channels-contiguous input at least a sector's worth (SECTOR_BYTES)
+    where that fits, and never fewer than MIN_ROW_BYTES' worth."""
+    if element_size > 4:
+        max_values //= 4
     per_channel = triton.next_power_of_2(N) * triton.next_power_of_2(S)
+    channels = triton.next_power_of_2(C)
+    fitting = max_values // per_channel  # a power of two, or 0
     min_channels = 1
     if channels_contiguous:
-        min_channels = min(triton.next_power_of_2(C), max(1, MIN_ROW_BYTES // element_size))
-    if min_channels * per_channel > max_slab:
+        narrowest = min(channels, max(1, MIN_ROW_BYTES // element_size))
+        widest = min(channels, max(1, SECTOR_BYTES // element_size))
+        if fitting < narrowest:
+            return None
+        min_channels = min(widest, fitting)
+    elif fitting < 1:
         return None
-    block_c = max(min_channels, min(triton.next_power_of_2(C), SLAB_TARGET // per_channel))
+    block_c = max(min_channels, min(channels, SLAB_TARGET // per_channel))
     return block_c, triton.next_power_of_2(N), triton.next_power_of_2(S)
 
 
@@ -163,7 +178,7 @@ class Plan:
 
     @property
     def slab_num_warps(self) -> int:
-        """Warps of a slab program: 16-32 slab values a thread, 4 to 16 warps."""
+        """Warps of a slab program: 16 to 64 slab values a thread, 4 to 16 warps."""
         values = self.BLOCK_C * self.BLOCK_N * self.BLOCK_S
         return max(4, min(16, values // 512))
 
@@ -173,7 +188,7 @@ class Plan:
 
 
 def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.device,
-              element_size: int = 4, max_slab: Optional[Tuple[int, int]] = None) -> Plan:
+              element_size: int = 4, max_slab: Optional[int] = None) -> Plan:
     """Plan a call over tensors of one shape (N, C, *spatial) with the given (n, c, s) strides:
     a slab when whole channels fit in max_slab values (see slab_shape; None: never), splits
     otherwise."""
@@ -183,6 +198,11 @@ def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.de
         N, S = 1, N * S
         strides = [(0, stride_c, stride_s) for _, stride_c, stride_s in strides]
     channels_contiguous = strides[0][1] == 1 and strides[0][2] != 1
+    if max_slab is not None and len({sc == 1 and ss != 1 for _, sc, ss in strides}) > 1:
+        # Tensors that run along different dims (x channels_last, dy contiguous, say) meet in
+        # registers through a layout conversion in shared memory, which needs registers of its
+        # own: half the slab (a full one spills).
+        max_slab //= 2
     slab = (slab_shape(N, C, S, channels_contiguous, element_size, max_slab)
             if max_slab is not None else None)
     if slab is not None:

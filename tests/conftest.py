@@ -79,8 +79,8 @@ def path(request, monkeypatch) -> str:
     split path forced for every size, so that both paths see the same cases."""
     if request.param == "split":
         from bn_triton import ops
-        monkeypatch.setattr(ops, "MAX_SLAB_FORWARD", (0, 0))
-        monkeypatch.setattr(ops, "MAX_SLAB_BACKWARD", (0, 0))
+        monkeypatch.setattr(ops, "MAX_SLAB_FORWARD", 0)
+        monkeypatch.setattr(ops, "MAX_SLAB_BACKWARD", 0)
     return request.param
 
 

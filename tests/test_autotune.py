@@ -25,7 +25,7 @@ def autotuned(monkeypatch):
     return tuned
 
 
-@pytest.mark.parametrize("shape", [(6, 4, 5), (16, 3, 40, 40)], ids=["slab", "split"])
+@pytest.mark.parametrize("shape", [(6, 4, 5), (2, 3, 130, 130)], ids=["slab", "split"])
 def test_autotuning_updates_running_stats_once(shape, device, launches, autotuned, path):
     x = torch.randn(shape, device=device, requires_grad=True)
     C = shape[1]

@@ -73,12 +73,26 @@ SCENARIOS = [
     scenario("slab-nhwc-float32", (32, 256, 6, 6), "float32", BOTH, layout="channels_last",
              all_configs=True),
     scenario("slab-nhwc-bfloat16", (32, 256, 6, 6), "bfloat16", SM90, layout="channels_last"),
-    # The largest slabs: N·S = 16384 values a channel (NCHW), and channels-last M = 2048 with
-    # rows of 8 float32 / 16 bfloat16 channels.
+    # The largest slabs (ops.MAX_SLAB_*). Channels strided: N·S = 32768 values a channel
+    # forward (backward: the split path), 16384 both ways, float64 a quarter as many.
+    scenario("slab-max-forward-float32", (32, 16, 32, 32), "float32", BOTH, all_configs=True),
     scenario("slab-max-float32", (64, 32, 16, 16), "float32", BOTH, all_configs=True),
     scenario("slab-max-bfloat16", (64, 32, 16, 16), "bfloat16", SM90, all_configs=True),
-    scenario("slab-max-nhwc-float32", (32, 64, 8, 8), "float32", BOTH, layout="channels_last",
+    scenario("slab-max-float64", (32, 16, 16, 16), "float64", BOTH),
+    scenario("slab-max-backward-float64", (16, 16, 16, 16), "float64", BOTH),
+    # Channels contiguous, x and dy channels_last: full-sector rows (8 float32 channels) at
+    # M = 2048; rows narrowed to 16 bytes at the limits, M = 8192 forward / 4096 backward in
+    # float32, half that in bfloat16 and float64.
+    *[scenario(f"slab-max-nhwc-{dtype}-M{M}", (M // 256, 64, 16, 16), dtype,
+               BOTH if dtype == "float32" else SM90, layout="channels_last",
+               dy_layout="channels_last", all_configs=dtype != "float64")
+      for dtype, sizes in (("float32", (2048, 4096, 8192)), ("bfloat16", (2048, 4096)),
+                           ("float64", (2048, 4096))) for M in sizes],
+    # x channels_last, dy contiguous: the two meet through a layout conversion, half a slab.
+    scenario("slab-max-mixed-float32", (8, 64, 16, 16), "float32", BOTH, layout="channels_last",
              all_configs=True),
+    scenario("slab-max-mixed-dy-float32", (32, 32, 16, 16), "float32", BOTH,
+             dy_layout="channels_last", all_configs=True),
     # A slab past 2³¹ elements (C = 300000 channels of M = 8192): INT64 slab offsets.
     scenario("slab-huge-float32", (4, 300000, 2048), "float32", BOTH),
     # Past 2³¹ elements: INT64 offsets.

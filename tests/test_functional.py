@@ -15,7 +15,7 @@ SHAPES = [
     ("mlp-2d", (16, 8)),                      # S = 1: channels are the contiguous dim
     ("seq-3d", (4, 6, 9)),
     ("odd-4d", (3, 5, 7, 11)),                # no size a power of two: masks everywhere
-    ("few-channels-many-values", (8, 2, 48, 48)),  # M = 18432: several splits per channel
+    ("few-channels-many-values", (3, 2, 100, 100)),  # M = 30000 (padded 4·16384): splits
     ("many-channels-few-values", (4, 130, 2, 2)),  # C > 128: several channel blocks, S = 4
     ("one-channel", (8, 1, 5, 5)),            # C = 1: the batch merges into S
     ("spatial-1x1", (8, 6, 1, 1)),
@@ -131,7 +131,7 @@ def test_training_matches_reference(name, dtype, device, launches):
     x = torch.randn(SHAPE_OF[name], device=device).to(dtype)
     check_against_reference_and_torch(x, affine=True, training=True)
     # Whole channels in registers: one launch each way; otherwise statistics + normalize and
-    # sums + dx (the few-channels-many-values case, M = 18432).
+    # sums + dx (the few-channels-many-values case, M = 30000).
     if name == "few-channels-many-values":
         assert launches == ["batch_stats_kernel", "normalize_kernel", "dy_sums_kernel",
                             "input_grad_kernel"]
@@ -319,8 +319,7 @@ def test_int64_offsets_path(device, launches, monkeypatch, path):
     # A slab pads N and S to powers of two, and masked lanes form offsets too: (5, 2, S) with
     # S = 3·2²⁶ reaches 10·S - 1 < 2³¹ but its padded slab (8 x 2²⁸) reaches past 2³¹.
     S = 3 * 2**26
-    padded = ops.make_plan((5, 2, S), [(2 * S, S, 1)] * 2, torch.device("cpu"), 4,
-                           (2**32, 2**32))
+    padded = ops.make_plan((5, 2, S), [(2 * S, S, 1)] * 2, torch.device("cpu"), 4, 2**32)
     assert padded.slab and padded.INT64
     x = torch.randn(4, 3, 50, device=device)
     grad_output = torch.randn_like(x)

@@ -10,11 +10,12 @@ shapes, counted under the interpreter (per element of x, in element sizes; O(C) 
     eval forward       2, in 1 launch       2, in 1 launch
 
 Issue 4 asks for one pass whenever M ≤ 8192. bn_triton gives it where a channel's values fit a
-program's registers (bn_triton.ops.MAX_SLAB_*): with channels strided (NCHW, NCL), N·S padded
-to powers of two ≤ 16384 both ways; with channels contiguous (channels_last, 2-D input), whose
-rows must hold at least 32 bytes of channels (8 float32, 16 half), M ≤ 2048 (float32) / 1024
-(half) forward and half that backward. Channels-contiguous input with M up to 8192 takes the
-split path: that part of issue 4's table is not met, and each such case below says so.
+program's registers (bn_triton.ops.MAX_SLAB_*: 32768 float32 values forward, 16384 backward):
+with channels strided (NCHW, NCL), N·S padded to powers of two ≤ 32768 forward and ≤ 16384
+backward; with channels contiguous (channels_last, 2-D input), whose rows hold at least 16
+bytes of channels (4 float32, 8 half), M ≤ 8192 (float32) / 4096 (half) forward and 4096 /
+2048 backward. Channels-contiguous input past those, up to 8192, takes the split path: that
+part of issue 4's table is not met, and each such case below says so.
 
 Counting needs the interpreter: with BN_TRITON_TEST_DEVICE=cuda only the error check runs.
 """
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 
 import bn_triton
-from bn_triton import traffic
+from bn_triton import ops, traffic
 from conftest import DEVICE
 
 needs_interpreter = pytest.mark.skipif(
@@ -145,22 +146,64 @@ CASES = [  # name, shape, layout, dtype, path of the forward, path of the backwa
     ("nchw-M8192", (2, 4, 64, 64), "contiguous", torch.float32, "slab", "slab"),  # boundary
     # Channels strided past 8192: N·S padded ≤ 16384 still fits one pass.
     ("nchw-M12544", (256, 4, 7, 7), "contiguous", torch.float32, "slab", "slab"),  # b256 7x7
-    # Channels contiguous: rows of 8 float32 channels x M = 1568 (padded 2048) fit the forward
-    # slab (16384), not the backward one (8192): issue 4's one-pass backward is NOT met here.
-    ("nhwc-M1568", (32, 16, 7, 7), "channels_last", torch.float32, "slab", "split"),
-    # Channels contiguous, M ≤ 8192 but beyond the slab: issue 4's one pass is NOT met.
-    ("nhwc-M6272-bf16", (32, 8, 14, 14), "channels_last", torch.bfloat16, "split", "split"),
-    ("bn1d-M4096", (4096, 8), "contiguous", torch.float32, "split", "split"),  # an MLP's BN1d
+    # Channels contiguous: rows of a full 32-byte sector (8 float32) where the slab fits.
+    ("nhwc-M1568", (32, 16, 7, 7), "channels_last", torch.float32, "slab", "slab"),
     ("bn1d-M256", (256, 64), "contiguous", torch.float32, "slab", "slab"),
-    # M > 8192: split reductions.
+    # Rows narrow to 16 bytes (4 float32, 8 half) to fit: forward to M = 8192 in float32 (4096
+    # half), backward to 4096 (2048 half). Past that, issue 4's one pass is NOT met; the cases
+    # taking "split" below at M ≤ 8192 are those.
+    ("bn1d-M4096", (4096, 8), "contiguous", torch.float32, "slab", "slab"),  # an MLP's BN1d
+    ("bn1d-M4096-bf16", (4096, 16), "contiguous", torch.bfloat16, "slab", "split"),
+    ("nhwc-M6272", (32, 8, 14, 14), "channels_last", torch.float32, "slab", "split"),
+    ("nhwc-M6272-bf16", (32, 8, 14, 14), "channels_last", torch.bfloat16, "split", "split"),
+    # M > 8192: split reductions, and forward slabs up to N·S padded = 32768 (strided
+    # channels), or with rows of the whole of a narrow C.
     ("nchw-M16384", (1, 2, 128, 128), "contiguous", torch.float32, "slab", "slab"),
-    ("nchw-M32768", (2, 2, 128, 128), "contiguous", torch.float32, "split", "split"),
-    ("nhwc-M16384-bf16", (16, 2, 32, 32), "channels_last", torch.bfloat16, "split", "split"),
-    ("bn1d-M16384", (16384, 2), "contiguous", torch.float32, "split", "split"),  # long, thin
-    ("ncl-C3-M24576", (3, 3, 8192), "contiguous", torch.float32, "split", "split"),
+    ("nchw-M32768", (2, 2, 128, 128), "contiguous", torch.float32, "slab", "split"),
+    ("nchw-M65536", (4, 2, 128, 128), "contiguous", torch.float32, "split", "split"),
+    ("nhwc-M16384-bf16", (16, 2, 32, 32), "channels_last", torch.bfloat16, "slab", "split"),
+    ("bn1d-M16384", (16384, 2), "contiguous", torch.float32, "slab", "split"),  # long, thin
+    ("bn1d-M16384-C8", (16384, 8), "contiguous", torch.float32, "split", "split"),
+    ("ncl-C3-M24576", (3, 3, 8192), "contiguous", torch.float32, "slab", "split"),
     ("ndhwc-M16384", (2, 4, 8, 32, 32), "channels_last", torch.float32, "split", "split"),
 ]
 IDS = [case[0] for case in CASES]
+
+
+def _slab(shape, dtype, layout, dy_layout=None, backward=False):
+    """The slab (BLOCK_C, BLOCK_N, BLOCK_S) ops plans for a forward (x, y) or a backward
+    (x, dy, dx) over `shape`, or None for the split path."""
+    x = _input(shape, layout, dtype)
+    dy = _input(shape, dy_layout or layout, dtype)
+    strides = [ops.ncs_strides(t) for t in ((x, dy, x) if backward else (x, x))]
+    plan = ops.make_plan(shape, strides, x.device, x.element_size(),
+                         ops.MAX_SLAB_BACKWARD if backward else ops.MAX_SLAB_FORWARD)
+    return (plan.BLOCK_C, plan.BLOCK_N, plan.BLOCK_S) if plan.slab else None
+
+
+@pytest.mark.parametrize("shape,dtype,layout,dy_layout,forward,backward", [
+    # Channels contiguous: a full 32-byte sector of channels a row where the slab fits ...
+    ((32, 64, 8, 8), torch.float32, "channels_last", None, (8, 1, 2048), (8, 1, 2048)),
+    ((32, 64, 8, 8), torch.bfloat16, "channels_last", None, (16, 1, 2048), (8, 1, 2048)),
+    # ... 16 bytes where it does not, and the split path below that.
+    ((4096, 64), torch.float32, "contiguous", None, (8, 1, 4096), (4, 1, 4096)),
+    ((8192, 64), torch.float32, "contiguous", None, (4, 1, 8192), None),
+    ((4096, 64), torch.bfloat16, "contiguous", None, (8, 1, 4096), None),
+    ((8192, 64), torch.bfloat16, "contiguous", None, None, None),
+    # A narrow C is a whole row: 2 float32 channels are all of it.
+    ((16384, 2), torch.float32, "contiguous", None, (2, 1, 16384), None),
+    # Channels strided: 32768 values forward, 16384 backward, a quarter of those in float64.
+    ((32, 3, 32, 32), torch.float32, "contiguous", None, (1, 32, 1024), None),
+    ((16, 3, 32, 32), torch.float32, "contiguous", None, (1, 16, 1024), (1, 16, 1024)),
+    ((8, 3, 32, 32), torch.float64, "contiguous", None, (1, 8, 1024), None),
+    ((4, 3, 32, 32), torch.float64, "contiguous", None, (1, 4, 1024), (1, 4, 1024)),
+    # x and dy in different layouts: half the backward slab.
+    ((16, 3, 32, 32), torch.float32, "contiguous", "channels_last", (1, 16, 1024), None),
+    ((8, 3, 32, 32), torch.float32, "contiguous", "channels_last", (1, 8, 1024), (1, 8, 1024)),
+])
+def test_where_the_slab_stops(shape, dtype, layout, dy_layout, forward, backward):
+    assert _slab(shape, dtype, layout) == forward
+    assert _slab(shape, dtype, layout, dy_layout, backward=True) == backward
 
 
 def _input(shape, layout, dtype):
@@ -182,6 +225,9 @@ def _assert_target(call: str, path: str, shape, x: torch.Tensor, rec: traffic.Re
     assert per_element["loaded"] >= least_loaded and per_element["stored"] >= least_stored, (
         f"{where}: less than any kernel must move; the counter missed accesses")
     assert 1 <= rec.n_launches <= max_launches, f"{where}; {path} path: {max_launches} launch(es)"
+    if call != "eval":  # each case is held to its path: the table says where one pass stops
+        took_slab = set(rec.kernels) <= {"forward_slab_kernel", "backward_slab_kernel"}
+        assert took_slab == (path == "slab"), f"{where}; expected the {path} path"
     assert per_element["total"] <= max_bytes + O_C_SLACK, (
         f"{where}; {path} path: {max_bytes} (+{O_C_SLACK} for O(C) terms)")
 
