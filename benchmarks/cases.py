@@ -135,19 +135,21 @@ def select(patterns: Optional[Sequence[str]] = None) -> List[Case]:
 # ---------------------------------------------------------------- scaling for the interpreter
 # Elements of x the interpreter is given per case: ~2-3 s per counted call on one CPU core.
 INTERPRETER_BUDGET = 2 ** 17
-# A scaled large-M case keeps at least this many values per channel (or its own M if less),
-# clear of the M ≤ 8192 boundary.
-LARGE_M_FLOOR = 16384
+# A scaled large-M case keeps more values per channel than the largest one-pass slab holds
+# (bn_triton.ops.MAX_SLAB_FORWARD, 32768), or its own M if less: a case that takes the split
+# path at full size takes it scaled, and one whose M ≤ 32768 is not scaled in M at all.
+LARGE_M_FLOOR = 32768 + 1
 
 
 def interpreter_shape(shape: Sequence[int], budget: int = INTERPRETER_BUDGET) -> Tuple[int, ...]:
     """The shape a case runs with under Triton's interpreter: at most `budget` elements, in the
-    same layout and the same regime (M ≤ 8192 or M > 8192).
+    same layout, the same regime (M ≤ 8192 or M > 8192) and the same kernel path.
 
     The rule, applied only when the shape has more than `budget` elements:
       - M ≤ 8192: N and the spatial dims stay, so M and the per-channel work are exactly the
-        GPU's (which kernel path runs depends on M, not on C); C is halved (rounding up) until
-        the tensor fits.
+        GPU's; C is halved (rounding up) until the tensor fits. The path depends on M, and on
+        C only below a slab row's 4-16 channels, which halving never reaches (C·M stays above
+        budget/2 = 8·8192).
       - M > 8192: N is halved (rounding up), then the largest spatial dim, while M stays
         ≥ min(M, LARGE_M_FLOOR); then C is halved until the tensor fits.
     Bytes per element are independent of C except for O(C) terms (weights, statistics,
@@ -178,9 +180,12 @@ def interpreter_shape(shape: Sequence[int], budget: int = INTERPRETER_BUDGET) ->
 
 
 # Cases counted in bf16 as well as fp32 under the interpreter: bytes per element, in element
-# sizes, do not depend on the dtype, and these show it (a small- and a large-M case per layout).
+# sizes, do not depend on the dtype, and the first four show it (a small- and a large-M case
+# per layout). Where the one-pass slab stops does depend on it (half rows hold twice the
+# channels), and the last two show that: channels-contiguous M = 6272 and 4096.
 COUNT_BOTH_DTYPES = ("resnet50-b32-512x7x7/NCHW", "resnet50-b32-512x7x7/NHWC",
-                     "resnet50-b32-64x56x56/NCHW", "resnet50-b32-64x56x56/NHWC")
+                     "resnet50-b32-64x56x56/NCHW", "resnet50-b32-64x56x56/NHWC",
+                     "resnet50-b32-256x14x14/NHWC", "mlp-b4096-4096/NC")
 
 
 # --------------------------------------------------------------------------- issue 4's targets
