@@ -44,8 +44,10 @@ def dy_sums_kernel(
     c_mask = c < C
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
 
-    sum_dy = tl.zeros([BLOCK_C], acc_dtype)
-    sum_dy_xmu = tl.zeros([BLOCK_C], acc_dtype)
+    # Lane-wise sums over the tiles, reduced across the block once after the loop: no
+    # barrier inside the loop.
+    lane_sum_dy = tl.zeros([BLOCK_C, BLOCK_S], acc_dtype)
+    lane_sum_dy_xmu = tl.zeros([BLOCK_C, BLOCK_S], acc_dtype)
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     for tile in range(first, last):
@@ -55,10 +57,11 @@ def dy_sums_kernel(
                                      stride_dys, BLOCK_C, BLOCK_S, INT64)
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(acc_dtype)
         dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(acc_dtype)
-        sum_dy += tl.sum(dy, axis=1)
-        sum_dy_xmu += tl.sum(tl.where(mask, dy * (x - mean[:, None]), 0.0), axis=1)
-    tl.store(part_sum_dy_ptr + c * num_splits + split, sum_dy, mask=c_mask)
-    tl.store(part_sum_dy_xmu_ptr + c * num_splits + split, sum_dy_xmu, mask=c_mask)
+        lane_sum_dy += dy
+        lane_sum_dy_xmu += tl.where(mask, dy * (x - mean[:, None]), 0.0)
+    tl.store(part_sum_dy_ptr + c * num_splits + split, tl.sum(lane_sum_dy, axis=1), mask=c_mask)
+    tl.store(part_sum_dy_xmu_ptr + c * num_splits + split, tl.sum(lane_sum_dy_xmu, axis=1),
+             mask=c_mask)
 
     if finished_last(tickets_ptr, pid_c, num_splits):
         k = tl.arange(0, SPLITS_P2)
