@@ -20,6 +20,8 @@ part of issue 4's table is not met, and each such case below says so.
 Counting needs the interpreter: with BN_TRITON_TEST_DEVICE=cuda only the error check runs.
 """
 import math
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -204,6 +206,34 @@ def _slab(shape, dtype, layout, dy_layout=None, backward=False):
 def test_where_the_slab_stops(shape, dtype, layout, dy_layout, forward, backward):
     assert _slab(shape, dtype, layout) == forward
     assert _slab(shape, dtype, layout, dy_layout, backward=True) == backward
+
+
+def test_scaled_benchmark_cases_take_the_gpu_path():
+    """python -m benchmarks counts each case on a shape scaled down for the interpreter; the
+    scaled shape must take the path (slab or split, each way) the full shape takes on a GPU."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    try:
+        from benchmarks import cases
+    finally:
+        sys.path.pop(0)
+
+    def paths(shape, layout, dtype):
+        x = torch.empty(shape, dtype=dtype, device="meta",
+                        memory_format=cases.memory_format(len(shape), layout))
+        strides = ops.ncs_strides(x)
+        return tuple(ops.make_plan(shape, [strides] * calls, x.device, x.element_size(),
+                                   budget).slab
+                     for calls, budget in ((2, ops.MAX_SLAB_FORWARD),
+                                           (3, ops.MAX_SLAB_BACKWARD)))
+
+    checked = 0
+    for case in cases.CASES:
+        scaled = cases.interpreter_shape(case.shape)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert paths(scaled, case.layout, dtype) == paths(case.shape, case.layout, dtype), (
+                f"{case.label} {dtype}: scaled to {scaled}, the path differs")
+            checked += scaled != case.shape
+    assert checked > 20  # most cases are scaled
 
 
 def _input(shape, layout, dtype):
