@@ -103,10 +103,7 @@ def counted_chart(rows: List[dict], meta: dict, path: Path) -> None:
     axes[-1].set_xlim(-0.6, len(keys) - 0.4)
     fig.suptitle(f"bn_triton under Triton's interpreter: counted traffic, not a GPU timing — "
                  f"torch {meta['torch']}, triton {meta['triton']}, {meta['cpu']}", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _tick(case: str, dtype: str, rows: List[dict]) -> str:
@@ -195,10 +192,15 @@ def timed_chart(rows: List[dict], meta: dict, path: Path, dtype: str,
     axes[-1, 0].set_xticklabels(cases, rotation=90, fontsize=7)
     fig.suptitle(f"bn_triton vs torch on {meta.get('gpu', 'GPU')}, {dtype} — torch "
                  f"{meta['torch']}, triton {meta['triton']}", fontsize=11)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    """Lay out, write (creating the folder) and close a chart."""
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def _pyplot():

@@ -197,8 +197,9 @@ def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.de
     if all(stride_n == S * stride_s for stride_n, _, stride_s in strides):
         N, S = 1, N * S
         strides = [(0, stride_c, stride_s) for _, stride_c, stride_s in strides]
-    channels_contiguous = strides[0][1] == 1 and strides[0][2] != 1
-    if max_slab is not None and len({sc == 1 and ss != 1 for _, sc, ss in strides}) > 1:
+    contiguous = [stride_c == 1 and stride_s != 1 for _, stride_c, stride_s in strides]
+    channels_contiguous = contiguous[0]
+    if max_slab is not None and len(set(contiguous)) > 1:
         # Tensors that run along different dims (x channels_last, dy contiguous, say) meet in
         # registers through a layout conversion in shared memory, which needs registers of its
         # own: half the slab (a full one spills).

@@ -174,9 +174,14 @@ IDS = [case[0] for case in CASES]
 
 def _slab(shape, dtype, layout, dy_layout=None, backward=False):
     """The slab (BLOCK_C, BLOCK_N, BLOCK_S) ops plans for a forward (x, y) or a backward
-    (x, dy, dx) over `shape`, or None for the split path."""
-    x = _input(shape, layout, dtype)
-    dy = _input(shape, dy_layout or layout, dtype)
+    (x, dy, dx) over `shape`, or None for the split path. Meta tensors: any size is free."""
+    def meta(layout):
+        fmt = torch.contiguous_format
+        if layout == "channels_last":
+            fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
+
+    x, dy = meta(layout), meta(dy_layout or layout)
     strides = [ops.ncs_strides(t) for t in ((x, dy, x) if backward else (x, x))]
     plan = ops.make_plan(shape, strides, x.device, x.element_size(),
                          ops.MAX_SLAB_BACKWARD if backward else ops.MAX_SLAB_FORWARD)
@@ -218,13 +223,8 @@ def test_scaled_benchmark_cases_take_the_gpu_path():
         sys.path.pop(0)
 
     def paths(shape, layout, dtype):
-        x = torch.empty(shape, dtype=dtype, device="meta",
-                        memory_format=cases.memory_format(len(shape), layout))
-        strides = ops.ncs_strides(x)
-        return tuple(ops.make_plan(shape, [strides] * calls, x.device, x.element_size(),
-                                   budget).slab
-                     for calls, budget in ((2, ops.MAX_SLAB_FORWARD),
-                                           (3, ops.MAX_SLAB_BACKWARD)))
+        return tuple(_slab(shape, dtype, layout, backward=backward) is not None
+                     for backward in (False, True))
 
     checked = 0
     for case in cases.CASES:
@@ -267,13 +267,17 @@ def _parameters(C):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
 @pytest.mark.parametrize("name,shape,layout,dtype,forward,backward", CASES, ids=IDS)
-def test_training_forward_traffic(name, shape, layout, dtype, forward, backward):
+def test_forward_traffic(name, shape, layout, dtype, forward, backward, training):
     x = _input(shape, layout, dtype)
     running_mean, running_var, weight, bias = _parameters(shape[1])
     with traffic.record() as rec:
-        bn_triton.batch_norm(x, running_mean, running_var, weight, bias, training=True)
-    _assert_target("forward", forward, shape, x, rec)
+        bn_triton.batch_norm(x, running_mean, running_var, weight, bias, training=training)
+    if training:
+        _assert_target("forward", forward, shape, x, rec)
+    else:
+        _assert_target("eval", "slab", shape, x, rec)  # one streaming pass for every M
 
 
 @needs_interpreter
@@ -288,12 +292,3 @@ def test_backward_traffic(name, shape, layout, dtype, forward, backward):
         torch.autograd.grad(y, (x, weight, bias), grad_output)
     _assert_target("backward", backward, shape, x, rec)
 
-
-@needs_interpreter
-@pytest.mark.parametrize("name,shape,layout,dtype,forward,backward", CASES, ids=IDS)
-def test_eval_forward_traffic(name, shape, layout, dtype, forward, backward):
-    x = _input(shape, layout, dtype)
-    running_mean, running_var, weight, bias = _parameters(shape[1])
-    with traffic.record() as rec:
-        bn_triton.batch_norm(x, running_mean, running_var, weight, bias, training=False)
-    _assert_target("eval", "slab", shape, x, rec)  # eval is one streaming pass for every M
