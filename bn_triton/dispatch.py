@@ -18,13 +18,16 @@ INTERPRETER = "triton-interpreter"
 TORCH = "torch"
 
 
+# Triton decides this when it decorates the kernels, reading TRITON_INTERPRET then.
+INTERPRETED = isinstance(normalize_kernel, InterpretedFunction)
+
+
 def backend(tensor: torch.Tensor) -> str:
     """'triton' (compiled kernels), 'triton-interpreter' (the kernels, interpreted on the CPU)
     or 'torch' (torch's batch norm) for a batch norm of `tensor`."""
-    interpreted = isinstance(normalize_kernel, InterpretedFunction)
-    if tensor.device.type == "cuda" and not interpreted:
+    if tensor.device.type == "cuda" and not INTERPRETED:
         return TRITON
-    if tensor.device.type == "cpu" and interpreted:
+    if tensor.device.type == "cpu" and INTERPRETED:
         return INTERPRETER
     return TORCH
 

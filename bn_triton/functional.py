@@ -5,9 +5,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import library
 from .dispatch import TORCH, backend
-from .function import BatchNormFunction
+from .plan import kernel_ready
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -32,9 +32,11 @@ def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
 def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                           running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                           bias: Optional[torch.Tensor], training: bool, eps: float) -> None:
-    """Raise what torch.nn.functional.batch_norm raises for these arguments, or nothing."""
-    if training and (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    """Raise what torch.nn.functional.batch_norm raises for these arguments, or nothing.
+
+    In torch's order: F.batch_norm's own checks (values per channel, eps), then, for non-empty
+    input only (torch returns an empty input's output before checking anything else), those
+    of its kernels."""
     if training:
         size = input.size()
         values_per_channel = size[0] * (torch.Size(size[2:]).numel() if input.dim() > 2 else 1)
@@ -43,6 +45,12 @@ def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tens
                              f"got input size {size}")
         if not eps > 0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if input.numel() == 0:
+        return
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     if input.dtype not in _FLOAT_DTYPES:
         type_name = {torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
                      torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool"}.get(
@@ -79,18 +87,18 @@ def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tens
 
 def apply_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                      running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                     bias: Optional[torch.Tensor], training: bool, momentum: Optional[float],
+                     bias: Optional[torch.Tensor], training: bool, momentum: float,
                      eps: float, num_batches_tracked: Optional[torch.Tensor] = None
                      ) -> torch.Tensor:
-    """Batch norm of checked arguments. momentum=None takes the running-average factor
-    1/num_batches_tracked on the device (the modules' momentum=None)."""
+    """Batch norm of checked arguments through bn_triton's ops. With num_batches_tracked given,
+    the running-average factor is 1/num_batches_tracked, read on the device (the modules'
+    momentum=None)."""
     if input.numel() == 0:
-        # Nothing to launch. torch's op gives the empty output, zero dγ/dβ and the running
-        # statistics exactly as torch leaves them on this device.
-        if momentum is None:
-            momentum = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
+        # torch returns an empty input's output (a clone, scaled by γ and shifted by β) before
+        # any kernel runs, and leaves the running statistics alone: take exactly that route.
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                             eps)
-    x = ops.kernel_ready(input)
-    return BatchNormFunction.apply(x, weight, bias, running_mean, running_var,
-                                   num_batches_tracked, training, momentum, eps)
+    # The one copy made: a view whose spatial dims no single stride describes (x[..., ::2])
+    # becomes contiguous here, once, so that forward and backward read the same copy.
+    return library.batch_norm(kernel_ready(input), weight, bias, running_mean, running_var,
+                              num_batches_tracked, training, momentum, eps)

@@ -27,8 +27,9 @@ class _TritonBatchNorm:
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                # 1/num_batches_tracked is read by the kernel: no host synchronisation.
-                momentum, num_batches_tracked = None, self.num_batches_tracked
+                # 1/num_batches_tracked is read by the kernel: no host synchronisation, and
+                # nothing that torch.compile has to break its graph for.
+                num_batches_tracked = self.num_batches_tracked
         return apply_batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                 bn_training, momentum, self.eps, num_batches_tracked)
 

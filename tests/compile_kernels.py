@@ -9,8 +9,8 @@ rejects. Request on stdin, results on stdout, both JSON:
 
 A scenario is one call of bn_triton's front end (functional.apply_batch_norm, then autograd's
 backward for the gradients it asks for) on meta tensors, with JITFunction.run replaced by a
-recorder. The launches recorded are therefore exactly what bn_triton/ops.py produces for that
-call: plans from make_plan, flags from the arguments, num_warps from ops.NUM_WARPS. Each launch
+recorder. The launches recorded are therefore exactly what bn_triton/launch.py produces for that
+call: plans from make_plan, flags from the arguments, num_warps from tuning.NUM_WARPS. Each launch
 is turned into the specialization a GPU launch would get (below), each distinct one is compiled
 once per target, and for each we report ptxas -v's registers and spills and the PTX's global
 loads and stores by width, over the whole kernel and inside its loops.
@@ -165,7 +165,7 @@ def run_scenario(scenario: Dict[str, Any]) -> List[Tuple[Any, tuple, dict]]:
     import torch
     from triton.runtime.jit import JITFunction
 
-    from bn_triton import functional
+    from bn_triton import functional, launch
 
     dtype = getattr(torch, scenario["dtype"])
     param_dtype = getattr(torch, scenario.get("param_dtype") or scenario["dtype"])
@@ -173,14 +173,13 @@ def run_scenario(scenario: Dict[str, Any]) -> List[Tuple[Any, tuple, dict]]:
     C = shape[1]
     want_dx, want_dw, want_db = scenario.get("grads", (False, False, False))
     x = _meta_tensor(torch, shape, dtype, scenario.get("layout", "contiguous"),
-                     scenario.get("offset", 0)).requires_grad_(want_dx)
+                     scenario.get("offset", 0))
 
-    def param(present, grad=False):
-        return (torch.empty(C, dtype=param_dtype, device="meta").requires_grad_(grad)
-                if present else None)
+    def param(present):
+        return torch.empty(C, dtype=param_dtype, device="meta") if present else None
 
-    weight = param(scenario.get("weight", True), want_dw)
-    bias = param(scenario.get("bias", True), want_db)
+    weight = param(scenario.get("weight", True))
+    bias = param(scenario.get("bias", True))
     running = scenario.get("running", True)
     running_mean, running_var = param(running), param(running)
     momentum = scenario.get("momentum", 0.1)
@@ -198,13 +197,15 @@ def run_scenario(scenario: Dict[str, Any]) -> List[Tuple[Any, tuple, dict]]:
     try:
         functional.check_batch_norm_args(x, running_mean, running_var, weight, bias, training,
                                          1e-5)
-        y = functional.apply_batch_norm(x, running_mean, running_var, weight, bias, training,
-                                        momentum, 1e-5, num_batches_tracked)
-        inputs = [t for t, wanted in zip((x, weight, bias), (want_dx, want_dw, want_db))
-                  if wanted]
-        if inputs:
+        # The launch layer itself: on meta tensors the ops would run their fake kernels.
+        _, mean, invstd = launch.batch_norm_forward(
+            x, weight, bias, running_mean, running_var, num_batches_tracked, training,
+            0.0 if momentum is None else momentum, 1e-5)
+        if want_dx or want_dw or want_db:
             dy = _meta_tensor(torch, shape, dtype, scenario.get("dy_layout", "contiguous"))
-            torch.autograd.grad(y, inputs, dy)
+            launch.batch_norm_backward(dy, x, weight, mean, invstd, training,
+                                       (want_dx, want_dw, want_db),
+                                       None if bias is None else bias.dtype)
     finally:
         JITFunction.run = original
     return launches
@@ -289,10 +290,10 @@ def main() -> None:
             keys.append(key)
             targets.setdefault(key, set()).update(scenario["targets"])
             if scenario.get("all_configs"):
-                # Every config the GPU autotuner may pick (ops.TUNING), for sm_90.
-                from bn_triton import ops
-                configs = ops.TUNING[spec["kernel"]][1]
-                for config in ops.candidate_configs(spec["kernel"], configs,
+                # Every config the GPU autotuner may pick (tuning.TUNING), for sm_90.
+                from bn_triton import tuning
+                configs = tuning.TUNING[spec["kernel"]][1]
+                for config in tuning.candidate_configs(spec["kernel"], configs,
                                                     spec["constexprs"]):
                     options = dict(spec["options"], num_warps=config.num_warps,
                                    num_stages=config.num_stages)

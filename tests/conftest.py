@@ -49,7 +49,7 @@ def device() -> str:
 
 class LaunchLog(list):
     """Names of the Triton kernels launched, in order, with counts of the calls they make up:
-    a call takes the slab path (one kernel) or the split path (two), see bn_triton.ops."""
+    a call takes the slab path (one kernel) or the split path (two), see bn_triton.launch."""
 
     def count_of(self, name: str) -> int:
         return sum(1 for launched in self if launched == name)
@@ -78,9 +78,9 @@ def path(request, monkeypatch) -> str:
     """'auto': the plan's choice (slab where whole channels fit in registers); 'split': the
     split path forced for every size, so that both paths see the same cases."""
     if request.param == "split":
-        from bn_triton import ops
-        monkeypatch.setattr(ops, "MAX_SLAB_FORWARD", 0)
-        monkeypatch.setattr(ops, "MAX_SLAB_BACKWARD", 0)
+        from bn_triton import plan
+        monkeypatch.setattr(plan, "MAX_SLAB_FORWARD", 0)
+        monkeypatch.setattr(plan, "MAX_SLAB_BACKWARD", 0)
     return request.param
 
 

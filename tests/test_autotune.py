@@ -1,6 +1,6 @@
 """The GPU autotuning wiring, exercised under the interpreter with a stand-in benchmark.
 
-On a GPU every kernel is wrapped in triton.autotune (ops.TUNING). Benchmarking a config runs
+On a GPU every kernel is wrapped in triton.autotune (tuning.TUNING). Benchmarking a config runs
 the kernel, so kernels that update the running statistics must come back to one update
 (restore_value), and the tickets of the split path must be left zeroed by every trial run.
 """
@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import bn_triton
-from bn_triton import ops, reference
+from triton.runtime.autotuner import Autotuner
+
+from bn_triton import launch, reference, tuning
 from conftest import assert_path, stat_tolerance, tolerance
 
 
@@ -20,8 +22,8 @@ def run_each_config_once(kernel_call, quantiles):
 
 @pytest.fixture
 def autotuned(monkeypatch):
-    tuned = {name: ops.tuned(name, do_bench=run_each_config_once) for name in ops.TUNING}
-    monkeypatch.setattr(ops, "LAUNCHERS", tuned)
+    tuned = {name: tuning.tuned(name, do_bench=run_each_config_once) for name in tuning.TUNING}
+    monkeypatch.setattr(tuning, "LAUNCHERS", tuned)
     return tuned
 
 
@@ -44,12 +46,12 @@ def test_autotuning_updates_running_stats_once(shape, device, launches, autotune
     torch.testing.assert_close(y.double(), y64, **tolerance(x.dtype))
     # Every candidate config was timed, then the chosen one ran once more.
     for name in set(launches):
-        candidates = 2 if name.endswith("slab_kernel") else len(ops.TUNING[name][1])
+        candidates = 2 if name.endswith("slab_kernel") else len(tuning.TUNING[name][1])
         assert launches.count_of(name) == candidates + 1, name
-    assert torch.count_nonzero(ops.tickets(x.device, 1)) == 0
+    assert torch.count_nonzero(launch.tickets(x.device, 1)) == 0
     assert_path(launches, path)
 
 
 def test_interpreter_runs_the_fixed_heuristic():
     """Under the interpreter nothing is autotuned (there is nothing to time)."""
-    assert all(not isinstance(kernel, ops.Autotuner) for kernel in ops.LAUNCHERS.values())
+    assert all(not isinstance(kernel, Autotuner) for kernel in tuning.LAUNCHERS.values())

@@ -2,7 +2,7 @@
 
 No GPU needed: tests/compile_kernels.py runs in one subprocess without TRITON_INTERPRET, calls
 bn_triton's front end on meta tensors with launches recorded instead of run (so the block sizes
-come from ops.make_plan and the flags from the call, as on a GPU), compiles each distinct launch
+come from plan.make_plan and the flags from the call, as on a GPU), compiles each distinct launch
 specialization with triton.compile for GPUTarget("cuda", 80 | 90, 32), and reads ptxas -v and
 the PTX. Asserted:
   - every launch compiles, for every target its scenario names;
@@ -43,7 +43,7 @@ RESNET = (32, 64, 56, 56)
 # M = 32·256 = 8192: the slab path both ways.
 SLAB = (32, 128, 16, 16)
 SCENARIOS = [
-    # all_configs: also every config the GPU autotuner may pick (ops.TUNING), for sm_90.
+    # all_configs: also every config the GPU autotuner may pick (tuning.TUNING), for sm_90.
     *[scenario(f"nchw-{dtype}", RESNET, dtype, BOTH, all_configs=dtype != "float64")
       for dtype in ALL_DTYPES],
     *[scenario(f"nhwc-{dtype}", RESNET, dtype, BOTH, layout="channels_last",
@@ -73,7 +73,7 @@ SCENARIOS = [
     scenario("slab-nhwc-float32", (32, 256, 6, 6), "float32", BOTH, layout="channels_last",
              all_configs=True),
     scenario("slab-nhwc-bfloat16", (32, 256, 6, 6), "bfloat16", SM90, layout="channels_last"),
-    # The largest slabs (ops.MAX_SLAB_*). Channels strided: N·S = 32768 values a channel
+    # The largest slabs (plan.MAX_SLAB_*). Channels strided: N·S = 32768 values a channel
     # forward (backward: the split path), 16384 both ways, float64 a quarter as many.
     scenario("slab-max-forward-float32", (32, 16, 32, 32), "float32", BOTH, all_configs=True),
     scenario("slab-max-float32", (64, 32, 16, 16), "float32", BOTH, all_configs=True),

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import bn_triton
-from bn_triton import ops, reference
+from bn_triton import launch, plan, reference
 from conftest import assert_no_worse_than_torch, assert_path, stat_tolerance, tolerance
 
 # (name, shape): curated, not a Cartesian product.
@@ -243,7 +243,7 @@ def test_gradcheck_float64(device, launches, path):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_bit_identical_runs(layout, device, launches, path):
     x = make_layout(torch.randn(8, 3, 40, 40, device=device), layout)
-    assert ops.make_plan(x.shape, [ops.ncs_strides(x)] * 2, x.device).num_splits > 1
+    assert plan.make_plan(x.shape, [plan.ncs_strides(x)] * 2, x.device).num_splits > 1
     grad_output = torch.randn_like(x)
     runs = []
     for _ in range(2):
@@ -313,21 +313,21 @@ def test_eval_input_grad_alone_is_one_launch(device, launches):
 
 def test_int64_offsets_path(device, launches, monkeypatch, path):
     """The 64-bit offset path gives the same bits; it is chosen past 2³¹ elements."""
-    big = ops.make_plan((2**16, 2, 2**15), [(2**16, 2**15, 1)] * 2, torch.device("cpu"))
-    small = ops.make_plan((2**10, 2, 2**10), [(2**11, 2**10, 1)] * 2, torch.device("cpu"))
+    big = plan.make_plan((2**16, 2, 2**15), [(2**16, 2**15, 1)] * 2, torch.device("cpu"))
+    small = plan.make_plan((2**10, 2, 2**10), [(2**11, 2**10, 1)] * 2, torch.device("cpu"))
     assert big.INT64 and not small.INT64
     # A slab pads N and S to powers of two, and masked lanes form offsets too: (5, 2, S) with
     # S = 3·2²⁶ reaches 10·S - 1 < 2³¹ but its padded slab (8 x 2²⁸) reaches past 2³¹.
     S = 3 * 2**26
-    padded = ops.make_plan((5, 2, S), [(2 * S, S, 1)] * 2, torch.device("cpu"), 4, 2**32)
+    padded = plan.make_plan((5, 2, S), [(2 * S, S, 1)] * 2, torch.device("cpu"), 4, 2**32)
     assert padded.slab and padded.INT64
     x = torch.randn(4, 3, 50, device=device)
     grad_output = torch.randn_like(x)
     results = []
     for force in (False, True):
         if force:
-            original = ops.make_plan
-            monkeypatch.setattr(ops, "make_plan", lambda *a: dataclasses.replace(
+            original = launch.make_plan
+            monkeypatch.setattr(launch, "make_plan", lambda *a: dataclasses.replace(
                 original(*a), INT64=True))
         xi = x.clone().requires_grad_()
         y = bn_triton.batch_norm(xi, None, None, training=True)

@@ -10,7 +10,7 @@ shapes, counted under the interpreter (per element of x, in element sizes; O(C) 
     eval forward       2, in 1 launch       2, in 1 launch
 
 Issue 4 asks for one pass whenever M ≤ 8192. bn_triton gives it where a channel's values fit a
-program's registers (bn_triton.ops.MAX_SLAB_*: 32768 float32 values forward, 16384 backward):
+program's registers (bn_triton.plan.MAX_SLAB_*: 32768 float32 values forward, 16384 backward):
 with channels strided (NCHW, NCL), N·S padded to powers of two ≤ 32768 forward and ≤ 16384
 backward; with channels contiguous (channels_last, 2-D input), whose rows hold at least 16
 bytes of channels (4 float32, 8 half), M ≤ 8192 (float32) / 4096 (half) forward and 4096 /
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 import bn_triton
-from bn_triton import ops, traffic
+from bn_triton import plan, traffic
 from conftest import DEVICE
 
 needs_interpreter = pytest.mark.skipif(
@@ -173,7 +173,7 @@ IDS = [case[0] for case in CASES]
 
 
 def _slab(shape, dtype, layout, dy_layout=None, backward=False):
-    """The slab (BLOCK_C, BLOCK_N, BLOCK_S) ops plans for a forward (x, y) or a backward
+    """The slab (BLOCK_C, BLOCK_N, BLOCK_S) make_plan plans for a forward (x, y) or a backward
     (x, dy, dx) over `shape`, or None for the split path. Meta tensors: any size is free."""
     def meta(layout):
         fmt = torch.contiguous_format
@@ -182,10 +182,10 @@ def _slab(shape, dtype, layout, dy_layout=None, backward=False):
         return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
 
     x, dy = meta(layout), meta(dy_layout or layout)
-    strides = [ops.ncs_strides(t) for t in ((x, dy, x) if backward else (x, x))]
-    plan = ops.make_plan(shape, strides, x.device, x.element_size(),
-                         ops.MAX_SLAB_BACKWARD if backward else ops.MAX_SLAB_FORWARD)
-    return (plan.BLOCK_C, plan.BLOCK_N, plan.BLOCK_S) if plan.slab else None
+    strides = [plan.ncs_strides(t) for t in ((x, dy, x) if backward else (x, x))]
+    made = plan.make_plan(shape, strides, x.device, x.element_size(),
+                          plan.MAX_SLAB_BACKWARD if backward else plan.MAX_SLAB_FORWARD)
+    return (made.BLOCK_C, made.BLOCK_N, made.BLOCK_S) if made.slab else None
 
 
 @pytest.mark.parametrize("shape,dtype,layout,dy_layout,forward,backward", [
