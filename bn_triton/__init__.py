@@ -4,7 +4,8 @@ from . import reference
 from .dispatch import backend
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm
+from .switch import disable, enable, enabled, is_enabled
 
 __all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm",
-           "backend", "reference"]
+           "enable", "disable", "enabled", "is_enabled", "backend", "reference"]
 __version__ = "0.1.0"
