@@ -12,10 +12,16 @@ setup(
     # top-level `kernels` package would clash with another project of that name on PyPI.
     packages=["bn_triton", "bn_triton.kernels", "bn_triton.experiments"],
     package_dir={"bn_triton": "bn_triton", "bn_triton.kernels": "kernels"},
-    # torch 2.11 / triton 3.6 (the GPU machines) up to torch 2.13 / triton 3.9 (here). Triton
-    # 3.6 is the oldest release the compile checks and the test suite have run under.
-    install_requires=["torch>=2.4", "triton>=3.6", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],
+    # torch 2.11 / triton 3.6 (the GPU machines) up to torch 2.13 / triton 3.9 (here). torch
+    # 2.9 is the oldest with every torch.library API used (custom_op, register_fake,
+    # register_autograd and opcheck since 2.4; get_kernel, which the switch falls back
+    # through, since 2.9). Triton 3.6 is the oldest release the compile checks and the test
+    # suite have run under.
+    install_requires=["torch>=2.9", "triton>=3.6", "numpy"],
+    # expecttest: torch.testing._internal, whose OpInfo/ModuleInfo samples the parity tests
+    # run, imports it.
+    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib",
+                             "expecttest"],
                     # benchmarks/: pytest-benchmark files and `python -m benchmarks`' charts
                     "bench": ["matplotlib", "pytest-benchmark"],
                     # python -m bn_triton.experiments: the bundled digits data set, the plots
