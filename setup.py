@@ -20,10 +20,11 @@ setup(
     install_requires=["torch>=2.9", "triton>=3.6", "numpy"],
     # expecttest: torch.testing._internal, whose OpInfo/ModuleInfo samples the parity tests
     # run, imports it.
+    # tqdm: the progress bars of the experiments and of benchmarks.gpu_check.
     extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib",
-                             "expecttest"],
+                             "expecttest", "tqdm"],
                     # benchmarks/: pytest-benchmark files and `python -m benchmarks`' charts
-                    "bench": ["matplotlib", "pytest-benchmark"],
+                    "bench": ["matplotlib", "pytest-benchmark", "tqdm"],
                     # python -m bn_triton.experiments: the bundled digits data set, the plots
-                    "experiments": ["scikit-learn", "matplotlib"]},
+                    "experiments": ["scikit-learn", "matplotlib", "tqdm"]},
 )

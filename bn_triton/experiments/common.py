@@ -1,12 +1,11 @@
 """What the experiments share: the device, the printed header, a progress bar, the seed."""
 import random
-import sys
-import time
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import triton
+from tqdm import tqdm
 
 import bn_triton
 
@@ -37,27 +36,10 @@ def header(experiment: str, device, dataset: Dataset) -> str:
             f"{len(dataset.test_labels)} test images of {height}x{width}")
 
 
-def progress(total: int, label: str, width: int = 30) -> Iterator[int]:
-    """range(total), drawing `label [####......] done/total, elapsed, left` on stderr as the
-    loop runs: at most once per percent, so a long run does not flood a log."""
-    start = time.monotonic()
-
-    def draw(done: int) -> None:
-        elapsed = time.monotonic() - start
-        left = elapsed / done * (total - done) if done else 0.0
-        bar = "#" * (width * done // max(total, 1))
-        sys.stderr.write(f"\r{label} [{bar:.<{width}}] {done}/{total}, "
-                         f"{elapsed:.0f}s elapsed, {left:.0f}s left ")
-        sys.stderr.flush()
-
-    draw(0)
-    try:
-        for step in range(total):
-            yield step
-            if (step + 1) * 100 // total != step * 100 // total:
-                draw(step + 1)
-    finally:
-        sys.stderr.write("\n")
+def progress(total: int, label: str) -> Iterator[int]:
+    """range(total) with a tqdm progress bar on stderr: the label, steps done, rate, elapsed
+    and time left."""
+    return iter(tqdm(range(total), desc=label, unit="step", dynamic_ncols=True))
 
 
 def set_seed(seed: int) -> None:
