@@ -234,8 +234,10 @@ def make_step(mode: str, module: nn.Module, x: torch.Tensor, dy: torch.Tensor
 def time_case(case: Case, dtype_name: str, providers: Sequence[str], modes: Sequence[str],
               warmup_ms: int = 10, rep_ms: int = 50, timer: Optional[Callable] = None,
               device: str = "cuda") -> List[dict]:
-    """One row per (provider, mode): median time (ms) and 20/80% quantiles from do_bench, and
-    GB/s under MIN_BYTES. A provider that fails gets a row with its error instead."""
+    """One row per (provider, mode): median time (ms) and 20/80% quantiles from do_bench, GB/s
+    under MIN_BYTES, and setup_s: the wall time of the two untimed first calls (compilation,
+    autotuning, allocation), reported apart. A provider that fails gets a row with its error
+    instead."""
     from triton.testing import do_bench
 
     timer = timer or (lambda fn, grad_to_none: do_bench(
@@ -257,23 +259,32 @@ def time_case(case: Case, dtype_name: str, providers: Sequence[str], modes: Sequ
             with provider_context(provider):
                 module = build_module(case.module_name, case.C, provider, device)
                 for mode in modes:
+                    start = time.perf_counter()
                     fn, grad_to_none = make_step(mode, module, x, dy)
                     for _ in range(2):  # compile, autotune, allocate outside the timing
                         fn()
                         if grad_to_none:
                             for t in grad_to_none:
                                 t.grad = None
+                    _synchronize(device)
+                    setup_s = time.perf_counter() - start
                     ms, ms_lo, ms_hi = timer(fn, grad_to_none)
                     gbs = MIN_BYTES[mode] * numel * size / (ms * 1e-3) / 1e9
                     rows.append(dict(case=case.label, name=case.name, layout=case.layout_name,
                                      dtype=dtype_name, shape=list(case.shape), M=case.M,
                                      regime=case.regime, provider=provider, mode=mode,
-                                     ms=ms, ms_q20=ms_lo, ms_q80=ms_hi, gbs=gbs))
+                                     ms=ms, ms_q20=ms_lo, ms_q80=ms_hi, gbs=gbs,
+                                     setup_s=round(setup_s, 3)))
         except Exception as error:  # noqa: BLE001 - one provider's failure is a result
             rows.append(dict(case=case.label, dtype=dtype_name, provider=provider,
                              error=f"{type(error).__name__}: {error}"[:500]))
         x.grad = None
     return rows
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def add_relative(rows: List[dict], peak_gbs: Optional[float]) -> None:

@@ -1,0 +1,427 @@
+"""python -m benchmarks.gpu_check: the proof of bn_triton on a GPU, in one command of minutes.
+
+    pip install -e . --no-deps --no-build-isolation     # offline, on the GPU machine
+    python -m benchmarks.gpu_check --out gpu-check       # [--budget-s 480] [--dry-run]
+
+Stages, each with its share of the budget (a stage that ends early leaves its time to the next),
+each writing what it has to <out>/gpu_check.json as soon as it ends, whether it passed, failed
+or ran out of time:
+
+  1. environment  GPU, SM count, L2, driver, CUDA, torch, triton; the measured device-to-device
+                  copy bandwidth, the roofline every GB/s below is compared with
+  2. tests        a bounded selection of the test suite on CUDA tensors
+                  (BN_TRITON_TEST_DEVICE=cuda): its tally and the names of what failed
+  3. kernels      ResNet-50's BatchNorm2d shapes, an MLP's BatchNorm1d, few channels with a huge
+                  extent, a video BatchNorm3d; bf16 and fp32; training forward, backward, eval;
+                  bn_triton against torch eager, torch.compile and FlagGems where it imports:
+                  median device time (L2 flushed), GB/s, % of the copy bandwidth, speedups,
+                  and the first calls' compile/autotune time apart
+  4. model        a ResNet-50 training step, converted and not, eager and compiled, then the
+                  converted step in a CUDA graph (benchmarks/model_step.py)
+  5. results      gpu_check.json, gpu_check.log and the kernel charts: at most 8 files
+
+Cases are cut, never stages, when the budget runs short. --dry-run runs every stage on the CPU
+through Triton's interpreter at tiny sizes (the tests run it), so the command is known to work
+before it meets a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+STAGES = ("environment", "tests", "kernels", "model", "results")
+# Each stage's share of the budget; time a stage leaves goes to the next.
+SHARES = {"environment": 0.04, "tests": 0.30, "kernels": 0.30, "model": 0.34, "results": 0.02}
+
+# Stage 2: what of the suite runs on the GPU. Functional numerics on both paths, the modules,
+# errors, determinism, compile/export and the switch's dispatch trace.
+# In this order, so that a cut leaves the first: what only a GPU shows (ops under the compiler,
+# the ATen routes of CUDA) before the numerics that the CPU interpreter checks too.
+TESTS_GPU = ["tests/test_library.py", "tests/test_switch.py", "tests/test_functional.py",
+             "tests/test_modules.py::test_train_steps_then_eval_like_torch",
+             "tests/test_modules.py::test_channels_last_like_torch",
+             "tests/test_modules.py::test_half_input_float32_module",
+             "tests/test_modules.py::test_running_stats_after_three_steps_match_reference",
+             "tests/test_errors.py"]
+TESTS_DRY = ["tests/test_functional.py::test_bit_identical_runs",
+             "tests/test_library.py::test_opcheck_forward",
+             "tests/test_switch.py::test_dispatch_trace_every_batch_norm_op_reached_is_switched"]
+TESTS_DRY_K = "contiguous or 2d-f32-train or dispatch"
+
+# Stage 3: case labels of benchmarks/cases.py in the order they run (the budget may cut the
+# tail), and the tiny cases of the dry run.
+KERNEL_CASES = ["resnet50-b32-256x56x56/NCHW", "resnet50-b32-256x56x56/NHWC",
+                "resnet50-b32-1024x14x14/NCHW", "resnet50-b32-1024x14x14/NHWC",
+                "resnet50-b256-64x112x112/NHWC", "resnet50-b256-2048x7x7/NCHW",
+                "mlp-b4096-4096/NC", "few-channels-20x6x65536/NCL",
+                "video-8x64x16x56x56/NDHWC", "resnet50-b32-2048x7x7/NHWC"]
+KERNEL_DTYPES = ("bf16", "fp32")
+KERNEL_MODES = ("forward", "backward", "eval")
+DRY_CASES = [("dry-4x8x6x6", (4, 8, 6, 6), "contiguous"), ("dry-4x8x6x6", (4, 8, 6, 6),
+                                                            "channels_last"),
+             ("dry-mlp-16x32", (16, 32), "contiguous")]
+
+
+class Run:
+    """What a run shares: its options, the clock, the log, the results so far."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.start = time.monotonic()
+        self.end = self.start + args.budget_s
+        self.stage = ""
+        self.stage_end = self.end
+        self.log_file = open(self.out / "gpu_check.log", "w", encoding="utf-8")
+        self.results: Dict[str, object] = {
+            "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.gpu_check"]
+                                + sys.argv[1:]),
+            "dry_run": args.dry_run, "budget_s": args.budget_s, "stages": {}}
+
+    def left(self) -> float:
+        """Seconds left to the current stage."""
+        return max(0.0, self.stage_end - time.monotonic())
+
+    def log(self, message: str) -> None:
+        line = (f"[{time.monotonic() - self.start:6.1f}s] [{self.stage or 'start'}, "
+                f"{self.left():.0f}s left] {message}")
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
+        write(line)
+
+    def save(self) -> None:
+        (self.out / "gpu_check.json").write_text(json.dumps(self.results, indent=1, default=str)
+                                                 + "\n", encoding="utf-8")
+
+
+def write(line: str) -> None:
+    """A line on the terminal that does not break a progress bar."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+    except ImportError:
+        print(line, file=sys.stderr, flush=True)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def counter(description: str, unit: str):
+    """A tqdm counter of things done (no total), or one that shows nothing without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(desc=description, unit=unit, dynamic_ncols=True, leave=False)
+
+
+def progress(items: Sequence, description: str):
+    """items with a tqdm bar (a plain iteration where tqdm is missing: the GPU machine is
+    offline and has what its preinstalled packages brought)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=description, dynamic_ncols=True, leave=False)
+
+
+# ----------------------------------------------------------------------------- 1. environment
+def stage_environment(run: Run) -> dict:
+    import torch
+    import triton
+
+    import bn_triton
+
+    device = run.args.device
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "device": device,
+            "bn_triton_path": bn_triton.backend(torch.empty(0, device=device))}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=torch.cuda.get_device_name(0), sm_count=props.multi_processor_count,
+                    l2_bytes=getattr(props, "L2_cache_size", None),
+                    memory_gib=round(props.total_memory / 2**30, 1),
+                    compute_capability=f"{props.major}.{props.minor}", driver=_driver())
+    info["copy_bandwidth_gbs"] = round(copy_bandwidth(device, run.args.dry_run), 1)
+    run.log(f"{info.get('gpu', 'CPU')}: torch {info['torch']}, triton {info['triton']}, "
+            f"path {info['bn_triton_path']}, copy bandwidth {info['copy_bandwidth_gbs']} GB/s")
+    return info
+
+
+def _driver() -> Optional[str]:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+        return out.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def copy_bandwidth(device: str, dry_run: bool) -> float:
+    """GB/s of dst.copy_(src): bytes read plus bytes written over the median time, L2 flushed
+    on a GPU (triton.testing.do_bench); 1 GiB of float32 on a GPU, 64 MiB on a CPU."""
+    import torch
+
+    numel = 2**28 if device == "cuda" and not dry_run else 2**24
+    src = torch.empty(numel, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = timer(device)(lambda: dst.copy_(src), None)[0]
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def timer(device: str) -> Callable:
+    """(fn, grad_to_none) -> (median, q20, q80) ms: do_bench on a GPU, wall clock on a CPU."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn, grad_to_none: do_bench(fn, warmup=5, rep=25, grad_to_none=grad_to_none,
+                                                 quantiles=[0.5, 0.2, 0.8])
+
+    def wall(fn, grad_to_none):
+        times = []
+        for _ in range(3):
+            if grad_to_none:
+                for t in grad_to_none:
+                    t.grad = None
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        times.sort()
+        return times[1], times[0], times[-1]
+    return wall
+
+
+# ----------------------------------------------------------------------------------- 2. tests
+TEST_LINE = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+
+
+def stage_tests(run: Run) -> dict:
+    """The selection under pytest in a child process, killed when the stage's time ends; the
+    tally counts what finished."""
+    dry = run.args.dry_run
+    selection = TESTS_DRY if dry else TESTS_GPU
+    command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--tb=line",
+               "-o", "console_output_style=classic", *selection]
+    if dry:
+        command += ["-k", TESTS_DRY_K]
+    # The fixed launch heuristic: the tests count launches, which the autotuner's timing runs
+    # would add to; autotuning itself runs in the kernels stage.
+    env = dict(os.environ, BN_TRITON_TEST_DEVICE="cpu" if dry else "cuda",
+               BN_TRITON_AUTOTUNE="0")
+    if not dry:
+        env.pop("TRITON_INTERPRET", None)
+    timeout = max(5.0, run.left() - 5.0)
+    run.log(f"pytest {' '.join(selection)}{' -k ' + repr(TESTS_DRY_K) if dry else ''} "
+            f"(device {env['BN_TRITON_TEST_DEVICE']}, at most {timeout:.0f}s)")
+    outcomes: Dict[str, str] = {}
+    tail: List[str] = []
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env, cwd=_repository_root())
+    killed = threading.Event()
+
+    def kill() -> None:  # a hung test ends with the stage
+        killed.set()
+        process.kill()
+
+    watchdog = threading.Timer(timeout, kill)
+    watchdog.start()
+    bar = counter("tests", "test")
+    try:
+        for line in process.stdout:
+            match = TEST_LINE.match(line)
+            if match:
+                outcomes[match.group(1)] = match.group(2)
+                bar.update(1)
+            tail = (tail + [line.rstrip()])[-40:]
+        process.wait()
+    finally:
+        watchdog.cancel()
+        timed_out = killed.is_set()
+        bar.close()
+    tally = {status.lower(): sum(1 for s in outcomes.values() if s == status)
+             for status in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    failures = sorted(name for name, s in outcomes.items() if s in ("FAILED", "ERROR"))
+    run.log(f"{tally['passed']} passed, {tally['failed']} failed, {tally['error']} errors, "
+            f"{tally['skipped']} skipped{' (timed out)' if timed_out else ''}")
+    for name in failures:
+        run.log(f"FAILED {name}")
+    return {"selection": selection, "device": env["BN_TRITON_TEST_DEVICE"], **tally,
+            "failures": failures, "timed_out": timed_out, "returncode": process.returncode,
+            "output_tail": tail if (failures or timed_out or process.returncode) else []}
+
+
+def _repository_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------- 3. kernels
+def kernel_cases(dry_run: bool) -> list:
+    from . import cases
+
+    if dry_run:
+        return [cases.Case(name, "dry", shape, layout) for name, shape, layout in DRY_CASES]
+    by_label = {case.label: case for case in cases.CASES}
+    return [by_label[label] for label in KERNEL_CASES]
+
+
+def stage_kernels(run: Run) -> dict:
+    import torch
+
+    from . import measure
+
+    dry = run.args.dry_run
+    device = run.args.device
+    providers = list(measure.PROVIDERS)
+    notes = {}
+    available, why = measure.flag_gems_available()
+    if not available:
+        providers.remove("flag_gems")
+        notes["flag_gems"] = f"not run: import flag_gems failed ({why})"
+    measure.configure_compile()
+    dtypes = ("fp32",) if dry else KERNEL_DTYPES
+    # Every case in bf16 before any in fp32: a cut takes fp32 of the last cases first.
+    jobs = [(case, dtype) for dtype in dtypes for case in kernel_cases(dry)]
+    bandwidth = run.results["environment"].get("copy_bandwidth_gbs")
+    rows: List[dict] = []
+    done = 0
+    for case, dtype in progress(jobs, "kernels"):
+        if run.left() <= 0:
+            break
+        run.log(f"{case.label} {dtype}")
+        case_rows = measure.time_case(case, dtype, providers, KERNEL_MODES, timer=timer(device),
+                                      device=device)
+        measure.add_relative(case_rows, bandwidth)
+        rows += case_rows
+        done += 1
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    cut = [f"{case.label} {dtype}" for case, dtype in jobs[done:]]
+    if cut:
+        run.log(f"the budget cut {len(cut)} of {len(jobs)} (case, dtype) pairs")
+    setup = sum(r.get("setup_s", 0.0) for r in rows if r.get("provider") == "bn_triton")
+    return {"providers": providers, "notes": notes, "modes": list(KERNEL_MODES),
+            "dtypes": list(dtypes), "timing": "median of triton.testing.do_bench (L2 flushed)"
+            if device == "cuda" else "wall clock, median of 3 (dry run: not a GPU timing)",
+            "bandwidth_reference_gbs": bandwidth,
+            "bn_triton_first_calls_s": round(setup, 2), "cut": cut, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------- 4. model
+def stage_model(run: Run) -> dict:
+    from . import model_step
+
+    return model_step.run(run.args.dry_run, run.args.device,
+                          deadline=time.monotonic() + run.left(), log=run.log)
+
+
+# --------------------------------------------------------------------------------- 5. results
+def stage_results(run: Run) -> dict:
+    """The kernel charts, one a dtype that ran."""
+    from . import report
+
+    kernels = run.results.get("kernels") or {}
+    rows = kernels.get("rows", [])
+    meta = {"gpu": run.results.get("environment", {}).get("gpu", "CPU (dry run)"),
+            "torch": run.results.get("environment", {}).get("torch"),
+            "triton": run.results.get("environment", {}).get("triton"),
+            "peak_bandwidth_gbs": kernels.get("bandwidth_reference_gbs")}
+    charts = []
+    for dtype in kernels.get("dtypes", []):
+        path = run.out / f"kernels-{dtype}.png"
+        try:
+            report.timed_chart(rows, meta, path, dtype, kernels.get("providers", []))
+        except SystemExit as error:  # matplotlib missing: the JSON holds every figure
+            run.log(str(error))
+            break
+        if path.exists():
+            charts.append(path.name)
+    return {"files": ["gpu_check.json", "gpu_check.log"] + charts}
+
+
+RUNNERS = {"environment": stage_environment, "tests": stage_tests, "kernels": stage_kernels,
+           "model": stage_model, "results": stage_results}
+
+
+def run_stages(run: Run) -> int:
+    """Every stage in order, each bounded by its share and what earlier stages left; a stage
+    that raises is recorded and the next one runs."""
+    failed = 0
+    for index, stage in enumerate(STAGES):
+        now = time.monotonic()
+        later = sum(SHARES[s] for s in STAGES[index + 1:]) * run.args.budget_s
+        run.stage = stage
+        run.stage_end = max(now, run.end - later)
+        run.log(f"stage {index + 1}/{len(STAGES)}: {stage}")
+        started = time.monotonic()
+        try:
+            run.results[stage] = RUNNERS[stage](run)
+            status = "ok"
+        except Exception as error:  # noqa: BLE001 - a stage's failure is a result
+            run.results[stage] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+            status = "error"
+            failed += 1
+            run.log(f"stage {stage} failed: {type(error).__name__}: {error}")
+        run.results["stages"][stage] = {"status": status,
+                                        "seconds": round(time.monotonic() - started, 1)}
+        run.save()
+    run.stage, run.stage_end = "done", run.end
+    tests = run.results.get("tests", {})
+    run.log(f"done in {time.monotonic() - run.start:.0f}s: tests {tests.get('passed', 0)} "
+            f"passed / {tests.get('failed', 0)} failed; wrote {run.out}")
+    return 1 if failed or tests.get("failed") or tests.get("error") else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_check",
+        description="bn_triton on a GPU in one bounded run: environment, tests on CUDA, kernel "
+                    "timings against torch eager / torch.compile / FlagGems, a ResNet-50 "
+                    "training step (compiled, converted, CUDA graph). Writes <out>/"
+                    "gpu_check.json, gpu_check.log and kernel charts.")
+    parser.add_argument("--out", required=True, help="folder for the results")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="wall-clock budget of the whole run (default %(default)s)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every stage on the CPU through Triton's interpreter, tiny sizes")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.dry_run:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--dry-run: triton was imported before TRITON_INTERPRET=1 was set")
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+        args.device = "cpu"
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: run on a GPU machine, or pass --dry-run")
+        args.device = "cuda"
+    run = Run(args)
+    try:
+        return run_stages(run)
+    finally:
+        run.log_file.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""A real model's training step on bn_triton's kernels, for the GPU check's model stage.
+
+A torchvision ResNet-50 on a GPU (bf16 autocast, channels_last); where torchvision is missing
+(the CPU dry run: no torchvision build matches this project's CPU torch) a small ResNet of the
+same blocks. Four variants of one set of initial weights train on the same batches:
+
+    torch            the model as torchvision builds it, eager
+    bn_triton        the same model after bn_triton.convert_batchnorm, eager
+    torch.compile    torch.compile(torch's model)
+    bn_triton.compile  torch.compile(converted model, fullgraph=True)
+
+Each reports images per second, peak memory, and after STEPS steps the largest difference of
+its outputs and gradients from torch eager's, relative to their largest magnitude. Then the
+converted step (forward, backward, SGD step) is captured in a CUDA graph and replayed: the
+capture fails on any host synchronisation, and the replayed steps must give the eager ones.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bn_triton
+from bn_triton import launch
+
+STEPS = 3  # steps compared against torch eager
+# In the order they run, so that a short budget cuts the baseline's compilation first.
+VARIANTS = ("torch", "bn_triton", "bn_triton.compile", "torch.compile")
+# Seconds a variant needs at least to be worth starting (compiling a ResNet-50's training
+# graphs takes about a minute on a GPU machine's CPU); a CUDA graph needs a few steps.
+NEEDS_S = {"torch": 10, "bn_triton": 10, "bn_triton.compile": 60, "torch.compile": 60,
+           "cuda_graph": 15}
+
+
+class Bottleneck(nn.Module):
+    """ResNet's bottleneck block: 1x1, 3x3, 1x1 convolutions, each followed by a batch norm,
+    relu(bn3(...) + identity) at the end."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + x)
+
+
+def small_resnet(num_classes: int = 10) -> nn.Module:
+    """A ResNet of two bottleneck blocks, for the dry run."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                         nn.ReLU(), Bottleneck(16, 8), Bottleneck(16, 8),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+
+def build(dry_run: bool) -> tuple:
+    """(model, name, input shape, classes, autocast dtype or None)."""
+    if not dry_run:
+        try:
+            import torchvision
+
+            return torchvision.models.resnet50(), "torchvision resnet50", (64, 3, 224, 224), \
+                1000, torch.bfloat16
+        except ImportError:
+            pass
+    return small_resnet(), "small resnet (2 bottlenecks)", (8, 3, 16, 16), 10, None
+
+
+class Trainer:
+    """One variant's model, optimizer and training step."""
+
+    def __init__(self, model: nn.Module, variant: str, device: str,
+                 autocast_dtype: Optional[torch.dtype]):
+        self.model = model
+        if variant.startswith("bn_triton"):
+            bn_triton.convert_batchnorm(self.model)
+        self.forward: Callable = self.model
+        if variant == "torch.compile":
+            self.forward = torch.compile(self.model)
+        elif variant == "bn_triton.compile":
+            self.forward = torch.compile(self.model, fullgraph=True)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # No autocast cache: a CUDA graph capture needs it off, and every variant runs alike.
+        with torch.autocast(torch.device(self.device).type, dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None, cache_enabled=False):
+            logits = self.forward(images)
+            loss = F.cross_entropy(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        self.optimizer.step()
+        return logits
+
+    def grads(self) -> List[torch.Tensor]:
+        return [p.grad.detach().clone() for p in self.model.parameters()]
+
+
+def relative_difference(got: List[torch.Tensor], want: List[torch.Tensor]) -> float:
+    """max |got - want| / max |want| over a list of tensors (one number per list)."""
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))
+    scale = max(b.float().abs().max().item() for b in want)
+    return diff / scale if scale else diff
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def batches(shape, classes: int, count: int, device: str) -> list:
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    return [(torch.randn(shape, generator=generator).to(device).contiguous(
+                memory_format=torch.channels_last),
+             torch.randint(0, classes, (shape[0],), generator=generator).to(device))
+            for _ in range(count)]
+
+
+def run_variant(variant: str, initial: nn.Module, data: list, timed_steps: int, device: str,
+                autocast_dtype) -> dict:
+    """Train a copy of `initial` for STEPS steps (their outputs and gradients are kept), then
+    time `timed_steps` more."""
+    trainer = Trainer(copy.deepcopy(initial), variant, device, autocast_dtype)
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for images, labels in data[:STEPS]:
+        logits = trainer.step(images, labels)
+    _synchronize(device)
+    first_steps_s = time.perf_counter() - start
+    result = {"logits": logits.detach().float(), "grads": trainer.grads(),
+              "first_steps_s": round(first_steps_s, 2)}
+    start = time.perf_counter()
+    for index in range(timed_steps):
+        trainer.step(*data[STEPS + index % (len(data) - STEPS)])
+    _synchronize(device)
+    elapsed = time.perf_counter() - start
+    result["images_per_s"] = round(timed_steps * data[0][0].shape[0] / elapsed, 1)
+    if torch.device(device).type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return result
+
+
+def cuda_graph_replay(initial: nn.Module, data: list, device: str, autocast_dtype) -> dict:
+    """The converted eager step against the same step captured in a CUDA graph: warm up
+    STEPS steps on a side stream, capture one, replay it on the remaining batches; the
+    parameters afterwards must equal those of eager steps on the same batches."""
+    eager = Trainer(copy.deepcopy(initial), "bn_triton", device, autocast_dtype)
+    graphed = Trainer(copy.deepcopy(initial), "bn_triton", device, autocast_dtype)
+    for images, labels in data:
+        eager.step(images, labels)
+    static_images = data[0][0].clone()
+    static_labels = data[0][1].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for images, labels in data[:STEPS]:
+            graphed.step(images, labels)
+    torch.cuda.current_stream().wait_stream(stream)
+    tickets_before = len(launch._TICKETS)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        graphed.step(static_images, static_labels)
+    allocated = torch.cuda.memory_allocated()
+    for images, labels in data[STEPS:]:
+        static_images.copy_(images)
+        static_labels.copy_(labels)
+        graph.replay()
+    torch.cuda.synchronize()
+    params = [p.detach() for p in graphed.model.parameters()]
+    want = [p.detach() for p in eager.model.parameters()]
+    return {"captured": True, "replays": len(data) - STEPS,
+            "ticket_buffers_created_in_capture": len(launch._TICKETS) - tickets_before,
+            "allocated_bytes_growth_in_replays": torch.cuda.memory_allocated() - allocated,
+            "params_max_relative_difference_vs_eager": relative_difference(params, want)}
+
+
+def graph_stage(model, data, device, autocast_dtype, out_of_time, log) -> dict:
+    if torch.device(device).type != "cuda":
+        return {"skipped": "needs CUDA"}
+    if out_of_time("cuda_graph"):
+        return {"skipped": "not enough of the stage's time left"}
+    log("model: the converted step in a CUDA graph")
+    try:
+        return cuda_graph_replay(model, data, device, autocast_dtype)
+    except Exception as error:  # noqa: BLE001 - a failed capture is a result
+        return {"captured": False, "error": f"{type(error).__name__}: {error}"[:500]}
+
+
+def run(dry_run: bool, device: str, variants=VARIANTS, timed_steps: int = 5,
+        deadline: Optional[float] = None, log: Callable[[str], None] = print) -> dict:
+    """The model stage, each part started only while enough time is left before `deadline`
+    (time.monotonic()): the eager variants, the CUDA graph (CUDA only), the compiled ones."""
+    torch.manual_seed(0)
+    model, name, shape, classes, autocast_dtype = build(dry_run)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    data = batches(shape, classes, STEPS + 2, device)
+    result: Dict[str, object] = {
+        "model": name, "batch": shape[0], "input": list(shape), "steps_compared": STEPS,
+        "autocast": None if autocast_dtype is None else str(autocast_dtype),
+        "memory_format": "channels_last", "variants": {}}
+    reference = None
+
+    def out_of_time(what: str) -> bool:
+        needs = NEEDS_S[what] / (10 if dry_run else 1)
+        return deadline is not None and deadline - time.monotonic() < needs
+
+    for variant in variants:
+        if variant == "bn_triton.compile":
+            # The CUDA graph of the converted eager step first: compiling takes the longest.
+            result["cuda_graph"] = graph_stage(model, data, device, autocast_dtype,
+                                               out_of_time, log)
+        if out_of_time(variant):
+            result["variants"][variant] = {"skipped": "not enough of the stage's time left"}
+            continue
+        log(f"model: {variant}")
+        try:
+            outcome = run_variant(variant, model, data, timed_steps, device, autocast_dtype)
+        except Exception as error:  # noqa: BLE001 - a variant's failure is a result
+            result["variants"][variant] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            continue
+        logits, grads = outcome.pop("logits"), outcome.pop("grads")
+        if variant == "torch":
+            reference = (logits, grads)
+        elif reference is not None:
+            outcome["outputs_max_relative_difference"] = relative_difference([logits],
+                                                                            [reference[0]])
+            outcome["grads_max_relative_difference"] = relative_difference(grads, reference[1])
+        result["variants"][variant] = outcome
+    if "cuda_graph" not in result:
+        result["cuda_graph"] = graph_stage(model, data, device, autocast_dtype, out_of_time,
+                                           log)
+    return result
