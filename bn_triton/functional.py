@@ -1,12 +1,14 @@
 """bn_triton.batch_norm: torch.nn.functional.batch_norm's signature, semantics and errors,
 computed by the Triton kernels."""
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import library
 from .dispatch import TORCH, backend
+from .epilogue import (IDENTITY, Activation, check_memory_efficient, parse_activation,
+                       torch_activation)
 from .plan import kernel_ready
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -16,17 +18,70 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, training: bool = False,
-               momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
-    """Drop-in for torch.nn.functional.batch_norm.
+               momentum: float = 0.1, eps: float = 1e-5, *, activation: Optional[str] = None,
+               activation_kwargs: Optional[Mapping[str, object]] = None,
+               residual: Optional[torch.Tensor] = None,
+               memory_efficient: bool = False) -> torch.Tensor:
+    """Drop-in for torch.nn.functional.batch_norm; with the keywords, the fused
+    act(batch_norm(input) + residual) in the launches of batch norm alone.
 
-    Runs the Triton kernels where bn_triton.backend(input) says so, torch's op otherwise. Bad
-    arguments raise torch's exception types before any kernel runs or any buffer is written."""
+    activation: None (identity) or a name of bn_triton.epilogue.ACTIVATIONS ("relu",
+    "leaky_relu", "elu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh"), its parameter in
+    activation_kwargs ({"negative_slope": 0.01} for leaky_relu, {"alpha": 1.0} for elu).
+    residual: a tensor of the input's shape, dtype and device, in any memory format, added
+    after the affine and before the activation. memory_efficient: save the output instead of
+    the input for backward (In-Place ABN); it scales by |γ| + eps and takes an invertible
+    activation and no residual (see bn_triton.epilogue).
+
+    Runs the Triton kernels where bn_triton.backend(input) says so, the same composition of
+    torch's ops otherwise. Bad arguments raise torch's exception types (ValueError for the
+    activation and the mode) before any kernel runs or any buffer is written."""
+    act = parse_activation(activation, activation_kwargs)
+    check_epilogue_args(input, residual, act, memory_efficient)
     if backend(input) == TORCH:
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                            eps)
+        return composed_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                   momentum, eps, residual, act, memory_efficient)
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     return apply_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                            eps)
+                            eps, residual=residual, activation=act,
+                            memory_efficient=memory_efficient)
+
+
+def check_epilogue_args(input: torch.Tensor, residual: Optional[torch.Tensor],
+                        activation: Activation, memory_efficient: bool) -> None:
+    """Raise for a residual that does not match the input, or a memory-saving mode that cannot
+    recover x̂ from the output."""
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a Tensor, got {type(residual).__name__}")
+        if residual.shape != input.shape:
+            raise RuntimeError(f"residual must have the input's shape {tuple(input.shape)}, "
+                               f"got {tuple(residual.shape)}")
+        if residual.device != input.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but residual "
+                               f"is on {residual.device} and input is on {input.device}")
+        if residual.dtype != input.dtype:
+            raise RuntimeError(f"residual must have the input's dtype {input.dtype}, got "
+                               f"{residual.dtype}")
+    if memory_efficient:
+        check_memory_efficient(activation, residual is not None)
+
+
+def composed_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
+                        running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                        bias: Optional[torch.Tensor], training: bool, momentum: float,
+                        eps: float, residual: Optional[torch.Tensor] = None,
+                        activation: Activation = IDENTITY,
+                        memory_efficient: bool = False) -> torch.Tensor:
+    """act(F.batch_norm(...) + residual) in torch's ops: what the fused call computes, where
+    no kernel serves it (a CPU tensor without the interpreter, an empty input)."""
+    if memory_efficient and weight is not None:
+        weight = weight.abs() + eps
+    output = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                          eps)
+    if residual is not None:
+        output = output + residual
+    return torch_activation(activation)(output)
 
 
 def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tensor],
@@ -88,17 +143,21 @@ def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tens
 def apply_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                      running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], training: bool, momentum: float,
-                     eps: float, num_batches_tracked: Optional[torch.Tensor] = None
-                     ) -> torch.Tensor:
-    """Batch norm of checked arguments through bn_triton's ops. With num_batches_tracked given,
-    the running-average factor is 1/num_batches_tracked, read on the device (the modules'
-    momentum=None)."""
+                     eps: float, num_batches_tracked: Optional[torch.Tensor] = None, *,
+                     residual: Optional[torch.Tensor] = None,
+                     activation: Optional[Activation] = None,
+                     memory_efficient: bool = False) -> torch.Tensor:
+    """Batch norm (and its epilogue) of checked arguments through bn_triton's ops. With
+    num_batches_tracked given, the running-average factor is 1/num_batches_tracked, read on
+    the device (the modules' momentum=None)."""
     if input.numel() == 0:
         # torch returns an empty input's output (a clone, scaled by γ and shifted by β) before
         # any kernel runs, and leaves the running statistics alone: take exactly that route.
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                            eps)
+        return composed_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                   momentum, eps, residual, activation or IDENTITY,
+                                   memory_efficient)
     # The one copy made: a view whose spatial dims no single stride describes (x[..., ::2])
     # becomes contiguous here, once, so that forward and backward read the same copy.
     return library.batch_norm(kernel_ready(input), weight, bias, running_mean, running_var,
-                              num_batches_tracked, training, momentum, eps)
+                              num_batches_tracked, training, momentum, eps, residual,
+                              activation, memory_efficient)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 from . import plan as planning
+from .epilogue import IDENTITY, Activation, dz_source
 from .plan import (Plan, Strides, accumulation_dtype, empty_output, kernel_ready, make_plan,
                    ncs_strides)
 from .tuning import NUM_WARPS, launch
@@ -43,9 +44,18 @@ def _float64_pair(name: str, value: float) -> dict:
     return {name: high, f"{name}_lo": value - high}
 
 
-def _strides(name: str, strides: Strides) -> dict:
-    return {f"stride_{name}n": strides[0], f"stride_{name}c": strides[1],
-            f"stride_{name}s": strides[2]}
+def _strides(strides: Dict[str, Strides], *names: str) -> dict:
+    """stride_<name>n/c/s of each named tensor as the plan sees it; (0, 0, 0) for one the
+    call does not have (its kernel flags keep it unread)."""
+    args = {}
+    for name in names:
+        n, c, s = strides.get(name, (0, 0, 0))
+        args.update({f"stride_{name}n": n, f"stride_{name}c": c, f"stride_{name}s": s})
+    return args
+
+
+def _epilogue_args(activation: Activation) -> dict:
+    return dict(ACTIVATION=activation.name, **_float64_pair("act_param", activation.param))
 
 
 def _running_args(running_mean, running_var, num_batches_tracked, momentum) -> dict:
@@ -59,10 +69,11 @@ def _running_args(running_mean, running_var, num_batches_tracked, momentum) -> d
                 MOMENTUM_FROM_COUNT=from_count)
 
 
-def batch_statistics(x: torch.Tensor, plan: Plan, mean: torch.Tensor, invstd: torch.Tensor,
-                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                num_batches_tracked: Optional[torch.Tensor], momentum: float,
-                eps: float) -> torch.Tensor:
+def batch_statistics(x: torch.Tensor, plan: Plan, strides: Dict[str, Strides],
+                     mean: torch.Tensor, invstd: torch.Tensor,
+                     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                     num_batches_tracked: Optional[torch.Tensor], momentum: float,
+                     eps: float) -> torch.Tensor:
     """Launch batch_stats_kernel: writes mean, invstd (and the running statistics, if given);
     returns centre = mean - x[0, c, 0] for normalize_kernel."""
     part_mean = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=x.device)
@@ -72,103 +83,140 @@ def batch_statistics(x: torch.Tensor, plan: Plan, mean: torch.Tensor, invstd: to
         part_m2_ptr=part_m2, tickets_ptr=tickets(x.device, plan.grid[0]), mean_ptr=mean,
         invstd_ptr=invstd, centre_ptr=centre,
         **_running_args(running_mean, running_var, num_batches_tracked, momentum),
-        **plan.split_args(), M=plan.M, **_float64_pair("eps", eps),
-        **_strides("x", plan.strides[0]), BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S,
-        SPLITS_P2=plan.SPLITS_P2, INT64=plan.INT64)
+        **plan.split_args(), M=plan.M, **_float64_pair("eps", eps), **_strides(strides, "x"),
+        BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2, INT64=plan.INT64)
     return centre
 
 
-def normalize(x: torch.Tensor, y: torch.Tensor, plan: Plan, weight: Optional[torch.Tensor],
+def normalize(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tensor], plan: Plan,
+              strides: Dict[str, Strides], weight: Optional[torch.Tensor],
               bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
               centre: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
-              running_var: Optional[torch.Tensor], eps: float) -> None:
+              running_var: Optional[torch.Tensor], eps: float, activation: Activation,
+              abs_weight: bool) -> None:
     """Launch normalize_kernel: y from batch statistics (centre given: mean, invstd, centre
     from batch_statistics) or from the running ones (then mean and invstd are written)."""
-    launch("normalize_kernel", plan.grid, NUM_WARPS, x_ptr=x, y_ptr=y, weight_ptr=weight,
-        bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, centre_ptr=centre,
+    launch("normalize_kernel", plan.grid, NUM_WARPS, x_ptr=x, y_ptr=y, residual_ptr=residual,
+        weight_ptr=weight, bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, centre_ptr=centre,
         running_mean_ptr=running_mean, running_var_ptr=running_var, **plan.split_args(),
-        **_float64_pair("eps", eps), **_strides("x", plan.strides[0]),
-        **_strides("y", plan.strides[1]), BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S,
-        BATCH_STATS=centre is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        **_float64_pair("eps", eps), **_strides(strides, "x", "y", "r"),
+        BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, BATCH_STATS=centre is not None,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, ABS_WEIGHT=abs_weight, **_epilogue_args(activation),
         INT64=plan.INT64)
 
 
-def forward_slab(x: torch.Tensor, y: torch.Tensor, plan: Plan, weight: Optional[torch.Tensor],
+def forward_slab(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tensor],
+                 plan: Plan, strides: Dict[str, Strides], weight: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
                  running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                 num_batches_tracked: Optional[torch.Tensor], momentum: float,
-                 eps: float) -> None:
+                 num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
+                 activation: Activation, abs_weight: bool) -> None:
     """Launch forward_slab_kernel: the whole training forward in one pass."""
     launch("forward_slab_kernel", plan.grid, plan.slab_num_warps, x_ptr=x, y_ptr=y,
-        weight_ptr=weight, bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd,
-        **_running_args(running_mean, running_var, num_batches_tracked, momentum), C=plan.C,
-        N=plan.N, S=plan.S, M=plan.M, **_float64_pair("eps", eps),
-        **_strides("x", plan.strides[0]), **_strides("y", plan.strides[1]), BLOCK_C=plan.BLOCK_C,
-        BLOCK_N=plan.BLOCK_N, BLOCK_S=plan.BLOCK_S, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, INT64=plan.INT64)
+        residual_ptr=residual, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
+        invstd_ptr=invstd, **_running_args(running_mean, running_var, num_batches_tracked,
+                                           momentum),
+        C=plan.C, N=plan.N, S=plan.S, M=plan.M, **_float64_pair("eps", eps),
+        **_strides(strides, "x", "y", "r"), BLOCK_C=plan.BLOCK_C, BLOCK_N=plan.BLOCK_N,
+        BLOCK_S=plan.BLOCK_S, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, ABS_WEIGHT=abs_weight, **_epilogue_args(activation),
+        INT64=plan.INT64)
 
 
-def dy_sums(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean: torch.Tensor,
+def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strides],
+            weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], mean: torch.Tensor,
             invstd: torch.Tensor, grad_weight: Optional[torch.Tensor],
-            grad_bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Launch dy_sums_kernel: writes grad_weight / grad_bias (those given); returns the dx
-    coefficients mean_dy, mean_dy_xhat (C,)."""
-    part_sum_dy = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=x.device)
+            grad_bias: Optional[torch.Tensor], grad_residual: Optional[torch.Tensor],
+            eps: float, activation: Activation, dz_from: str, xhat_from_output: bool
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch dy_sums_kernel: writes grad_weight / grad_bias / grad_residual (those given);
+    returns the dx coefficients mean_dy, mean_dy_xhat (C,). `saved` holds dy and what the
+    forward kept: x, y (the output) and r (the residual), by name."""
+    part_sum_dy = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=mean.device)
     part_sum_dy_xmu = torch.empty_like(part_sum_dy)
     mean_dy, mean_dy_xhat = torch.empty_like(mean), torch.empty_like(mean)
-    launch("dy_sums_kernel", plan.grid, NUM_WARPS, x_ptr=x, dy_ptr=dy, mean_ptr=mean,
-        invstd_ptr=invstd, part_sum_dy_ptr=part_sum_dy, part_sum_dy_xmu_ptr=part_sum_dy_xmu,
-        tickets_ptr=tickets(x.device, plan.grid[0]), mean_dy_ptr=mean_dy,
+    launch("dy_sums_kernel", plan.grid, NUM_WARPS, x_ptr=saved.get("x"), y_ptr=saved.get("y"),
+        residual_ptr=saved.get("r"), dy_ptr=saved["dy"], grad_residual_ptr=grad_residual,
+        weight_ptr=weight, bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd,
+        part_sum_dy_ptr=part_sum_dy, part_sum_dy_xmu_ptr=part_sum_dy_xmu,
+        tickets_ptr=tickets(mean.device, plan.grid[0]), mean_dy_ptr=mean_dy,
         mean_dy_xhat_ptr=mean_dy_xhat, grad_weight_ptr=grad_weight, grad_bias_ptr=grad_bias,
         **plan.split_args(), **_float64_pair("inv_count", 1.0 / plan.M),
-        **_strides("x", plan.strides[0]), **_strides("dy", plan.strides[1]), BLOCK_C=plan.BLOCK_C,
-        BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2, WRITE_GRAD_WEIGHT=grad_weight is not None,
-        WRITE_GRAD_BIAS=grad_bias is not None, INT64=plan.INT64)
+        **_float64_pair("eps", eps),
+        **_strides(strides, "x", "y", "r", "dy", "dr"), BLOCK_C=plan.BLOCK_C,
+        BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, DZ_FROM=dz_from, XHAT_FROM_OUTPUT=xhat_from_output,
+        WRITE_GRAD_RESIDUAL=grad_residual is not None, WRITE_GRAD_WEIGHT=grad_weight is not None,
+        WRITE_GRAD_BIAS=grad_bias is not None, **_epilogue_args(activation), INT64=plan.INT64)
     return mean_dy, mean_dy_xhat
 
 
-def input_grad(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, plan: Plan,
-               weight: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
-               coefficients: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+def input_grad(saved: Dict[str, torch.Tensor], dx: torch.Tensor, plan: Plan,
+               strides: Dict[str, Strides], weight: Optional[torch.Tensor],
+               bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
+               coefficients: Optional[Tuple[torch.Tensor, torch.Tensor]], eps: float,
+               activation: Activation, dz_from: str, xhat_from_output: bool) -> None:
     """Launch input_grad_kernel: dx with batch statistics (coefficients from dy_sums) or with
-    constant ones (coefficients None; x is not read)."""
+    constant ones (coefficients None; x is read only to recompute z)."""
     mean_dy, mean_dy_xhat = coefficients if coefficients is not None else (None, None)
-    launch("input_grad_kernel", plan.grid, NUM_WARPS, x_ptr=x, dy_ptr=dy, dx_ptr=dx,
-        weight_ptr=weight, mean_ptr=mean, invstd_ptr=invstd, mean_dy_ptr=mean_dy,
-        mean_dy_xhat_ptr=mean_dy_xhat, **plan.split_args(), **_strides("x", plan.strides[0]),
-        **_strides("dy", plan.strides[1]), **_strides("dx", plan.strides[2]), BLOCK_C=plan.BLOCK_C,
-        BLOCK_S=plan.BLOCK_S, BATCH_STATS=coefficients is not None, HAS_WEIGHT=weight is not None,
+    launch("input_grad_kernel", plan.grid, NUM_WARPS, x_ptr=saved.get("x"),
+        y_ptr=saved.get("y"), residual_ptr=saved.get("r"), dy_ptr=saved["dy"], dx_ptr=dx,
+        weight_ptr=weight, bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd,
+        mean_dy_ptr=mean_dy, mean_dy_xhat_ptr=mean_dy_xhat, **_float64_pair("eps", eps),
+        **plan.split_args(),
+        **_strides(strides, "x", "y", "r", "dy", "dx"), BLOCK_C=plan.BLOCK_C,
+        BLOCK_S=plan.BLOCK_S, BATCH_STATS=coefficients is not None,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, DZ_FROM=dz_from,
+        XHAT_FROM_OUTPUT=xhat_from_output, **_epilogue_args(activation), INT64=plan.INT64)
+
+
+def backward_slab(saved: Dict[str, torch.Tensor], dx: Optional[torch.Tensor], plan: Plan,
+                  strides: Dict[str, Strides], weight: Optional[torch.Tensor],
+                  bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
+                  batch_stats: bool, grad_weight: Optional[torch.Tensor],
+                  grad_bias: Optional[torch.Tensor], grad_residual: Optional[torch.Tensor],
+                  eps: float, activation: Activation, dz_from: str,
+                  xhat_from_output: bool) -> None:
+    """Launch backward_slab_kernel: dγ, dβ, d(residual) and dx (those given) in one pass."""
+    launch("backward_slab_kernel", plan.grid, plan.slab_num_warps, x_ptr=saved.get("x"),
+        y_ptr=saved.get("y"), residual_ptr=saved.get("r"), dy_ptr=saved["dy"], dx_ptr=dx,
+        grad_residual_ptr=grad_residual, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
+        invstd_ptr=invstd, grad_weight_ptr=grad_weight, grad_bias_ptr=grad_bias, C=plan.C,
+        N=plan.N, S=plan.S, M=plan.M, **_float64_pair("eps", eps),
+        **_strides(strides, "x", "y", "r", "dy", "dx", "dr"), BLOCK_C=plan.BLOCK_C,
+        BLOCK_N=plan.BLOCK_N, BLOCK_S=plan.BLOCK_S, BATCH_STATS=batch_stats,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, DZ_FROM=dz_from,
+        XHAT_FROM_OUTPUT=xhat_from_output, WRITE_GRAD_WEIGHT=grad_weight is not None,
+        WRITE_GRAD_BIAS=grad_bias is not None, WRITE_GRAD_INPUT=dx is not None,
+        WRITE_GRAD_RESIDUAL=grad_residual is not None, **_epilogue_args(activation),
         INT64=plan.INT64)
 
 
-def backward_slab(x: torch.Tensor, dy: torch.Tensor, dx: Optional[torch.Tensor], plan: Plan,
-                  weight: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
-                  batch_stats: bool, grad_weight: Optional[torch.Tensor],
-                  grad_bias: Optional[torch.Tensor]) -> None:
-    """Launch backward_slab_kernel: dγ, dβ and dx (those given) in one pass."""
-    dx_strides = plan.strides[2] if dx is not None else (0, 0, 0)
-    launch("backward_slab_kernel", plan.grid, plan.slab_num_warps, x_ptr=x, dy_ptr=dy, dx_ptr=dx,
-        weight_ptr=weight, mean_ptr=mean, invstd_ptr=invstd, grad_weight_ptr=grad_weight,
-        grad_bias_ptr=grad_bias, C=plan.C, N=plan.N, S=plan.S, M=plan.M,
-        **_strides("x", plan.strides[0]), **_strides("dy", plan.strides[1]),
-        **_strides("dx", dx_strides), BLOCK_C=plan.BLOCK_C, BLOCK_N=plan.BLOCK_N,
-        BLOCK_S=plan.BLOCK_S, BATCH_STATS=batch_stats, HAS_WEIGHT=weight is not None,
-        WRITE_GRAD_WEIGHT=grad_weight is not None, WRITE_GRAD_BIAS=grad_bias is not None,
-        WRITE_GRAD_INPUT=dx is not None, INT64=plan.INT64)
+def _plan(shape: Sequence[int], tensors: Dict[str, torch.Tensor], device: torch.device,
+          element_size: int, max_slab: Optional[int], max_tile: int = planning.MAX_TILE
+          ) -> Tuple[Plan, Dict[str, Strides]]:
+    """make_plan over the named tensors of a call; their strides as the plan sees them."""
+    plan = make_plan(shape, [ncs_strides(t) for t in tensors.values()], device, element_size,
+                     max_slab, max_tile)
+    return plan, dict(zip(tensors, plan.strides))
 
 
 def batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
                        bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                        running_var: Optional[torch.Tensor],
                        num_batches_tracked: Optional[torch.Tensor], training: bool,
-                       momentum: float, eps: float
+                       momentum: float, eps: float, residual: Optional[torch.Tensor] = None,
+                       activation: Activation = IDENTITY, memory_efficient: bool = False
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y, mean, invstd of checked arguments (bn_triton::batch_norm_forward).
+    """y = act(BN(x) + residual), mean, invstd of checked arguments
+    (bn_triton::batch_norm_forward).
 
     Training: batch statistics, one slab launch when whole channels fit in registers, else
     statistics then normalize (two); the running statistics (when given) are updated in place
     with factor `momentum`, or 1/num_batches_tracked read on the device when that is given.
-    Eval: the running statistics, one launch. Empty input launches nothing."""
+    Eval: the running statistics, one launch. Empty input launches nothing. memory_efficient
+    scales by |γ| + eps (see epilogue.py)."""
     x = kernel_ready(input)
     y = empty_output(input)
     mean = torch.empty(x.shape[1], dtype=accumulation_dtype(x.dtype), device=x.device)
@@ -180,61 +228,115 @@ def batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
             mean.copy_(running_mean), invstd.copy_(torch.rsqrt(running_var.to(mean.dtype) + eps))
         return y, mean, invstd
     weight, bias = _contiguous(weight), _contiguous(bias)
+    tensors = {"x": x, "y": y}
+    if residual is not None:
+        tensors["r"] = kernel_ready(residual)
+    epilogue = dict(activation=activation, abs_weight=memory_efficient)
     with _written_in_place(running_mean) as running_mean, \
             _written_in_place(running_var) as running_var:
-        strides = [ncs_strides(x), ncs_strides(y)]
         if not training:
-            plan = make_plan(x.shape, strides, x.device, x.element_size())
-            normalize(x, y, plan, weight, bias, mean, invstd, None, running_mean, running_var,
-                      eps)
+            plan, strides = _plan(x.shape, tensors, x.device, x.element_size(), None)
+            normalize(x, y, tensors.get("r"), plan, strides, weight, bias, mean, invstd, None,
+                      running_mean, running_var, eps, **epilogue)
             return y, mean, invstd
-        plan = make_plan(x.shape, strides, x.device, x.element_size(),
-                         planning.MAX_SLAB_FORWARD)
+        # A residual is a second tensor live in the slab's registers: half the slab.
+        budget = planning.MAX_SLAB_FORWARD // (2 if residual is not None else 1)
+        plan, strides = _plan(x.shape, tensors, x.device, x.element_size(), budget)
         if plan.slab:
-            forward_slab(x, y, plan, weight, bias, mean, invstd, running_mean, running_var,
-                         num_batches_tracked, momentum, eps)
+            forward_slab(x, y, tensors.get("r"), plan, strides, weight, bias, mean, invstd,
+                         running_mean, running_var, num_batches_tracked, momentum, eps,
+                         **epilogue)
         else:
-            centre = batch_statistics(x, plan, mean, invstd, running_mean, running_var,
-                                      num_batches_tracked, momentum, eps)
-            normalize(x, y, plan, weight, bias, mean, invstd, centre, None, None, eps)
+            centre = batch_statistics(x, plan, strides, mean, invstd, running_mean,
+                                      running_var, num_batches_tracked, momentum, eps)
+            normalize(x, y, tensors.get("r"), plan, strides, weight, bias, mean, invstd,
+                      centre, None, None, eps, **epilogue)
     return y, mean, invstd
 
 
-def batch_norm_backward(grad_output: torch.Tensor, input: torch.Tensor,
-                        weight: Optional[torch.Tensor], mean: torch.Tensor,
-                        invstd: torch.Tensor, training: bool,
-                        output_mask: Sequence[bool], bias_dtype: Optional[torch.dtype]
+def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor],
+                        output: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                        mean: torch.Tensor, invstd: torch.Tensor, training: bool,
+                        output_mask: Sequence[bool], bias_dtype: Optional[torch.dtype],
+                        has_residual: bool = False, activation: Activation = IDENTITY,
+                        memory_efficient: bool = False, eps: float = 0.0
                         ) -> Tuple[Optional[torch.Tensor], ...]:
-    """(dx, dγ, dβ) of checked arguments (bn_triton::batch_norm_backward), each only where
-    output_mask asks, else None; dγ and dβ in the dtypes of weight and bias_dtype. dx takes
-    output_format(input); grad_output may have any layout.
+    """(dx, dγ, dβ, d(residual)) of checked arguments (bn_triton::batch_norm_backward), each
+    only where output_mask asks, else None; dγ and dβ in the dtypes of weight and bias_dtype.
 
-    One slab launch when whole channels fit in registers; otherwise the sums (only when dx
-    uses batch statistics or dγ/dβ are asked for) and a streaming dx."""
-    want_dx, want_dw, want_db = output_mask
-    x, dy = kernel_ready(input), kernel_ready(grad_output)
+    What forward kept (epilogue.dz_source): the input x, or the output y alone in the
+    memory-saving mode; also y or the residual where a residual and an activation meet.
+    d(residual) = dz is computed here only where dz differs from grad_output (an activation).
+    dx takes output_format of the input; grad_output may have any layout.
+
+    One slab launch when whole channels fit in registers; otherwise the sums (when dx uses
+    batch statistics, dγ/dβ are asked for, or dz must be written) and a streaming dx."""
+    want_dx, want_dw, want_db, want_dr = output_mask
+    dz_from = dz_source(activation, has_residual, memory_efficient)
+    reference = output if memory_efficient else input
+    saved = {"dy": kernel_ready(grad_output)}
+    if memory_efficient:
+        saved["y"] = kernel_ready(output)
+    else:
+        saved["x"] = kernel_ready(input)
+        if dz_from == "output":
+            saved["y"] = kernel_ready(output)
+        elif dz_from == "x_residual":
+            saved["r"] = kernel_ready(residual)
     weight = _contiguous(weight)
-    dx = empty_output(input) if want_dx else None
-    grad_weight = torch.empty(x.shape[1], dtype=weight.dtype, device=x.device) if want_dw else None
-    grad_bias = torch.empty(x.shape[1], dtype=bias_dtype, device=x.device) if want_db else None
-    if x.numel() == 0:  # sums over no values
+    recompute = dz_from in ("x", "x_residual") or memory_efficient
+    bias = _contiguous(bias) if recompute else None
+    channels, device = reference.shape[1], reference.device
+    dx = empty_output(reference) if want_dx else None
+    grad_weight = torch.empty(channels, dtype=weight.dtype, device=device) if want_dw else None
+    grad_bias = torch.empty(channels, dtype=bias_dtype, device=device) if want_db else None
+    # dz is written where it is d(residual), or (split path) handed from the sums to dx.
+    writes_dz = dz_from in ("output", "x_residual") and has_residual
+    grad_residual = empty_output(reference) if writes_dz and want_dr else None
+    if reference.numel() == 0:  # sums over no values
         for grad in (grad_weight, grad_bias):
             if grad is not None:
                 grad.zero_()
-        return dx, grad_weight, grad_bias
-    strides = [ncs_strides(x), ncs_strides(dy)] + ([ncs_strides(dx)] if want_dx else [])
-    need_sums = (want_dx and training) or want_dw or want_db
-    plan = make_plan(x.shape, strides, x.device, x.element_size(),
-                     planning.MAX_SLAB_BACKWARD if need_sums else None)
+        return dx, grad_weight, grad_bias, grad_residual
+    tensors = dict(saved)
+    if dx is not None:
+        tensors["dx"] = dx
+    if grad_residual is not None:
+        tensors["dr"] = grad_residual
+    need_sums = (want_dx and training) or want_dw or want_db or grad_residual is not None
+    # A third tensor live in registers (y or the residual beside x and dy): half the slab.
+    budget = planning.MAX_SLAB_BACKWARD // (2 if len(saved) > 2 else 1)
+    max_tile = (planning.MAX_TILE_FLOAT64_ACTIVATION
+                if reference.element_size() > 4 and activation.name != "identity"
+                else planning.MAX_TILE)
+    plan, strides = _plan(reference.shape, tensors, device, reference.element_size(),
+                          budget if need_sums else None, max_tile)
+    flags = dict(eps=eps, activation=activation, dz_from=dz_from,
+                 xhat_from_output=memory_efficient)
     if plan.slab:
-        backward_slab(x, dy, dx, plan, weight, mean, invstd, training, grad_weight, grad_bias)
-        return dx, grad_weight, grad_bias
+        backward_slab(saved, dx, plan, strides, weight, bias, mean, invstd, training,
+                      grad_weight, grad_bias, grad_residual, **flags)
+        return dx, grad_weight, grad_bias, grad_residual
     coefficients = None
     if need_sums:
-        coefficients = dy_sums(x, dy, plan, mean, invstd, grad_weight, grad_bias)
+        dz = grad_residual
+        if writes_dz and want_dx and dz is None:
+            # A buffer to hand dz to the dx pass, which then reads it in place of dy: one
+            # write and one read, as re-reading y or the residual would cost.
+            dz = tensors["dr"] = empty_output(reference)
+            plan, strides = _plan(reference.shape, tensors, device, reference.element_size(),
+                                  None, max_tile)
+        coefficients = dy_sums(saved, plan, strides, weight, bias, mean, invstd, grad_weight,
+                               grad_bias, dz, **flags)
+        if writes_dz and want_dx:
+            saved = {"x": saved["x"], "dy": dz}
+            strides = dict(strides, dy=strides["dr"])
+            flags.update(activation=IDENTITY, dz_from="dy")
     if want_dx:
-        input_grad(x, dy, dx, plan, weight, mean, invstd, coefficients if training else None)
-    return dx, grad_weight, grad_bias
+        input_grad(saved, dx, plan, strides, weight, bias, mean, invstd,
+                   coefficients if training else None, **flags)
+    return dx, grad_weight, grad_bias, grad_residual
 
 
 def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -36,6 +36,7 @@ import torch
 
 from . import launch
 from .dispatch import TORCH, backend
+from .epilogue import Activation, dz_source
 from .plan import accumulation_dtype, empty_output
 
 DOUBLE_BACKWARD = ("bn_triton's batch norm does not support double backward (a gradient of its "
@@ -56,50 +57,71 @@ def batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
                        bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                        running_var: Optional[torch.Tensor],
                        num_batches_tracked: Optional[torch.Tensor], training: bool,
-                       momentum: float, eps: float
+                       momentum: float, eps: float, residual: Optional[torch.Tensor] = None,
+                       activation: str = "identity", activation_param: float = 0.0,
+                       memory_efficient: bool = False
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """output, and the statistics backward needs: mean and invstd = 1/sqrt(var + eps), (C,) in
-    the accumulation dtype (float32; float64 for float64 input), as ATen saves them.
+    """output = act(BN(input) + residual), and the statistics backward needs: mean and
+    invstd = 1/sqrt(var + eps), (C,) in the accumulation dtype (float32; float64 for float64
+    input), as ATen saves them.
 
     training: batch statistics; running_mean/running_var, when given, are updated in place with
     factor `momentum`, or 1/num_batches_tracked read on the device when num_batches_tracked is
     given (a module's momentum=None; the op only reads it). Otherwise the running statistics
-    normalize and nothing is written. The output takes bn_triton.plan.output_format(input)."""
+    normalize and nothing is written. activation/activation_param: see epilogue.py;
+    memory_efficient scales by |γ| + eps. The output takes plan.output_format(input)."""
     _require_kernels("batch_norm_forward", input)
     return launch.batch_norm_forward(input, weight, bias, running_mean, running_var,
-                                     num_batches_tracked, training, momentum, eps)
+                                     num_batches_tracked, training, momentum, eps, residual,
+                                     Activation(activation, activation_param), memory_efficient)
 
 
 @batch_norm_forward.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
-      eps):
+      eps, residual=None, activation="identity", activation_param=0.0, memory_efficient=False):
     mean = input.new_empty((input.shape[1],), dtype=accumulation_dtype(input.dtype))
     return empty_output(input), mean, torch.empty_like(mean)
 
 
 @torch.library.custom_op("bn_triton::batch_norm_backward", mutates_args=())
-def batch_norm_backward(grad_output: torch.Tensor, input: torch.Tensor,
-                        weight: Optional[torch.Tensor], mean: torch.Tensor,
-                        invstd: torch.Tensor, training: bool, output_mask: List[bool],
-                        bias_dtype: Optional[torch.dtype]
-                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad_input, grad_weight, grad_bias from the saved input, mean and invstd: with batch
-    statistics (training) or constant ones. Only what output_mask asks for is computed; the
-    others come back as empty (0,) tensors (an op cannot return None). grad_input takes
-    output_format(input), grad_weight weight's dtype, grad_bias bias_dtype."""
-    _require_kernels("batch_norm_backward", input)
-    grads = launch.batch_norm_backward(grad_output, input, weight, mean, invstd, training,
-                                       output_mask, bias_dtype)
-    return tuple(grad if grad is not None else input.new_empty((0,)) for grad in grads)
+def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor],
+                        output: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                        mean: torch.Tensor, invstd: torch.Tensor, training: bool,
+                        output_mask: List[bool], bias_dtype: Optional[torch.dtype],
+                        has_residual: bool = False, activation: str = "identity",
+                        activation_param: float = 0.0, memory_efficient: bool = False,
+                        eps: float = 0.0
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_input, grad_weight, grad_bias, grad_residual from what the forward kept (input; or
+    output alone, memory_efficient; with output or residual where a residual and an
+    activation meet, see epilogue.dz_source), mean and invstd: with batch statistics
+    (training) or constant ones. Only what output_mask asks for is computed; the others come
+    back as empty (0,) tensors (an op cannot return None), and so does grad_residual where it
+    equals grad_output (no activation). grad_input and grad_residual take output_format of the
+    input, grad_weight weight's dtype, grad_bias bias_dtype."""
+    reference = output if memory_efficient else input
+    _require_kernels("batch_norm_backward", reference)
+    grads = launch.batch_norm_backward(grad_output, input, output, residual, weight, bias, mean,
+                                       invstd, training, output_mask, bias_dtype, has_residual,
+                                       Activation(activation, activation_param),
+                                       memory_efficient, eps)
+    return tuple(grad if grad is not None else reference.new_empty((0,)) for grad in grads)
 
 
 @batch_norm_backward.register_fake
-def _(grad_output, input, weight, mean, invstd, training, output_mask, bias_dtype):
-    want_dx, want_dw, want_db = output_mask
-    channels = (input.shape[1],)
-    return (empty_output(input) if want_dx else input.new_empty((0,)),
-            weight.new_empty(channels) if want_dw else input.new_empty((0,)),
-            input.new_empty(channels, dtype=bias_dtype) if want_db else input.new_empty((0,)))
+def _(grad_output, input, output, residual, weight, bias, mean, invstd, training, output_mask,
+      bias_dtype, has_residual=False, activation="identity", activation_param=0.0,
+      memory_efficient=False, eps=0.0):
+    want_dx, want_dw, want_db, want_dr = output_mask
+    reference = output if memory_efficient else input
+    channels = (reference.shape[1],)
+    writes_dz = has_residual and activation != "identity"
+    return (empty_output(reference) if want_dx else reference.new_empty((0,)),
+            weight.new_empty(channels) if want_dw else reference.new_empty((0,)),
+            reference.new_empty(channels, dtype=bias_dtype) if want_db
+            else reference.new_empty((0,)),
+            empty_output(reference) if want_dr and writes_dz else reference.new_empty((0,)))
 
 
 def _no_double_backward(ctx, *grads):
@@ -111,42 +133,71 @@ torch.library.register_autograd("bn_triton::batch_norm_backward", _no_double_bac
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """y = batch_norm(x) through the two ops; saves input, weight, mean and invstd (never x̂ or
-    y) and computes in backward only the gradients autograd asks for."""
+    """y = act(batch_norm(x) + residual) through the two ops. Saves mean, invstd, weight and
+    what epilogue.dz_source names: x (never x̂), or y alone in the memory-saving mode, and y or
+    the residual where a residual meets an activation. Backward computes only the gradients
+    autograd asks for."""
 
     @staticmethod
     def forward(input: torch.Tensor, weight: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
-                training: bool, momentum: float, eps: float):
-        return torch.ops.bn_triton.batch_norm_forward(input, weight, bias, running_mean,
-                                                      running_var, num_batches_tracked,
-                                                      training, momentum, eps)
+                training: bool, momentum: float, eps: float, residual: Optional[torch.Tensor],
+                activation: str, activation_param: float, memory_efficient: bool):
+        return torch.ops.bn_triton.batch_norm_forward(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+            momentum, eps, residual, activation, activation_param, memory_efficient)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, *_, training, _, _ = inputs
-        _, mean, invstd = output
+        (input, weight, bias, _, _, _, training, _, eps, residual, activation, activation_param,
+         memory_efficient) = inputs
+        output, mean, invstd = output
         ctx.mark_non_differentiable(mean, invstd)
-        ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.training = training
+        activation = Activation(activation, activation_param)
+        dz_from = dz_source(activation, residual is not None, memory_efficient)
+        keep_output = memory_efficient or dz_from == "output"
+        keep_bias = memory_efficient or dz_from in ("x", "x_residual")
+        ctx.save_for_backward(None if memory_efficient else input,
+                              output if keep_output else None,
+                              residual if dz_from == "x_residual" else None, weight,
+                              bias if keep_bias else None, mean, invstd)
+        ctx.training, ctx.eps = training, eps
+        ctx.activation, ctx.activation_param = activation.name, activation.param
+        ctx.memory_efficient, ctx.has_residual = memory_efficient, residual is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_invstd):
-        input, weight, mean, invstd = ctx.saved_tensors
-        output_mask = list(ctx.needs_input_grad[:3])
-        grads = torch.ops.bn_triton.batch_norm_backward(grad_output, input, weight, mean,
-                                                        invstd, ctx.training, output_mask,
-                                                        ctx.bias_dtype)
-        grads = [grad if wanted else None for grad, wanted in zip(grads, output_mask)]
-        return (*grads, None, None, None, None, None, None)
+        input, output, residual, weight, bias, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        # Without an activation d(residual) is grad_output itself: no kernel writes it.
+        residual_from_kernel = ctx.has_residual and ctx.activation != "identity"
+        output_mask = [needs[0], needs[1], needs[2], needs[9] and residual_from_kernel]
+        grads = torch.ops.bn_triton.batch_norm_backward(
+            grad_output, input, output, residual, weight, bias, mean, invstd, ctx.training,
+            output_mask, ctx.bias_dtype, ctx.has_residual, ctx.activation,
+            ctx.activation_param, ctx.memory_efficient, ctx.eps)
+        grad_input, grad_weight, grad_bias, grad_residual = [
+            grad if wanted else None for grad, wanted in zip(grads, output_mask)]
+        if needs[9] and not residual_from_kernel:
+            grad_residual = grad_output
+        return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None,
+                grad_residual, None, None, None)
 
 
 def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                num_batches_tracked: Optional[torch.Tensor], training: bool, momentum: float,
-               eps: float) -> torch.Tensor:
-    """The differentiable batch norm over the ops: the output of batch_norm_forward."""
+               eps: float, residual: Optional[torch.Tensor] = None,
+               activation: Optional[Activation] = None, memory_efficient: bool = False
+               ) -> torch.Tensor:
+    """The differentiable act(batch_norm(x) + residual) over the ops: batch_norm_forward's
+    output. activation None is the identity."""
+    # The activation goes in as its name and parameter, literals where there is none: under
+    # torch.compile(dynamic=True) Dynamo turns a float read from a shared object into a
+    # symbolic input, which it cannot lift into the autograd.Function's graph.
+    name, param = (activation.name, activation.param) if activation else ("identity", 0.0)
     return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                   num_batches_tracked, training, momentum, eps)[0]
+                                   num_batches_tracked, training, momentum, eps, residual,
+                                   name, param, memory_efficient)[0]

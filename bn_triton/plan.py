@@ -21,6 +21,10 @@ Strides = Tuple[int, int, int]
 # 128-bit loads of float32 (two of half) per thread per tensor, which keeps enough bytes in
 # flight per SM on an H100 without spilling the kernels that hold x and dy tiles at once.
 MAX_TILE = 2048
+# The float64 backward of a fused activation: its values take two registers each, and
+# libdevice's float64 erf/exp/tanh spill a full tile (gelu_tanh: 8 to 56 bytes on sm_80/90);
+# half a tile fits in 136-157 registers.
+MAX_TILE_FLOAT64_ACTIVATION = MAX_TILE // 2
 # Rows of a split tile when channels are the contiguous dim (channels_last, 2-D input): one
 # full 128-byte line of channels (32 float32), which leaves rows along S to fill the tile and
 # more channel blocks to fill the GPU.
@@ -76,8 +80,9 @@ def ncs_strides(t: torch.Tensor) -> Optional[Strides]:
     return t.stride(0), t.stride(1), stride_s
 
 
-def tile_shape(C: int, S: int, channels_contiguous: bool, element_size: int) -> Tuple[int, int]:
-    """(BLOCK_C, BLOCK_S) of the tiles, at most MAX_TILE values.
+def tile_shape(C: int, S: int, channels_contiguous: bool, element_size: int,
+               max_tile: int = MAX_TILE) -> Tuple[int, int]:
+    """(BLOCK_C, BLOCK_S) of the tiles, at most max_tile values.
 
     Lanes run along the contiguous dim so that loads coalesce (and vectorize when aligned):
     along S for NCHW-like input, along C for channels_last and 2-D input. The other dim takes
@@ -85,10 +90,10 @@ def tile_shape(C: int, S: int, channels_contiguous: bool, element_size: int) -> 
     the tile."""
     if channels_contiguous:
         block_c = min(triton.next_power_of_2(C), ROW_BYTES_CHANNELS_LAST // element_size)
-        block_s = min(triton.next_power_of_2(S), MAX_TILE // block_c)
+        block_s = min(triton.next_power_of_2(S), max_tile // block_c)
     else:
-        block_s = min(triton.next_power_of_2(S), MAX_TILE)
-        block_c = min(triton.next_power_of_2(C), MAX_TILE // block_s)
+        block_s = min(triton.next_power_of_2(S), max_tile)
+        block_c = min(triton.next_power_of_2(C), max_tile // block_s)
     return block_c, block_s
 
 
@@ -178,10 +183,11 @@ class Plan:
 
 
 def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.device,
-              element_size: int = 4, max_slab: Optional[int] = None) -> Plan:
+              element_size: int = 4, max_slab: Optional[int] = None,
+              max_tile: int = MAX_TILE) -> Plan:
     """Plan a call over tensors of one shape (N, C, *spatial) with the given (n, c, s) strides:
     a slab when whole channels fit in max_slab values (see slab_shape; None: never), splits
-    otherwise."""
+    of tiles of at most max_tile values otherwise."""
     N, C = shape[0], shape[1]
     S = math.prod(shape[2:])
     if all(stride_n == S * stride_s for stride_n, _, stride_s in strides):
@@ -200,7 +206,7 @@ def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.de
         block_c, block_n, block_s = slab
         extents = (block_c, block_n, block_s)
     else:
-        block_c, block_s = tile_shape(C, S, channels_contiguous, element_size)
+        block_c, block_s = tile_shape(C, S, channels_contiguous, element_size, max_tile)
         tiles_per_n = triton.cdiv(S, block_s)
         extents = (block_c, N, tiles_per_n * block_s)
     # The largest offset a tile may form, masked lanes included.

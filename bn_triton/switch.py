@@ -203,8 +203,9 @@ def _backward(grad_output, input, weight, running_mean, running_var, save_mean, 
     if weight is None:
         output_mask[1] = False  # nothing to differentiate; ATen returns no gradient either
     grad_dtype = weight.dtype if weight is not None else input.dtype
-    grads = torch.ops.bn_triton.batch_norm_backward(grad_output, input, weight, mean, invstd,
-                                                    training, output_mask, grad_dtype)
+    grads = torch.ops.bn_triton.batch_norm_backward(grad_output, input, None, None, weight,
+                                                    None, mean, invstd, training,
+                                                    output_mask + [False], grad_dtype)
     return tuple(grad if wanted else None for grad, wanted in zip(grads, output_mask))
 
 

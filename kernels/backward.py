@@ -1,48 +1,127 @@
 """Backward of batch normalization (arXiv:1502.03167, section 3, the chain rule through
-Algorithm 1), with x̂ = (x - mean)·invstd:
+Algorithm 1) and of its fused epilogue y = act(z), z = x̂·γ + β + residual, x̂ = (x - mean)·invstd:
 
-    dβ = Σ dy,   dγ = Σ dy·x̂,
-    dx = γ·invstd·(dy - Σdy/M - x̂·Σ(dy·x̂)/M)      batch statistics (training)
-    dx = γ·invstd·dy                              constant statistics (eval, running stats)
+    dz = dy·act'(z)                                 (dz = dy without an activation)
+    dβ = Σ dz,   dγ = Σ dz·x̂,   d(residual) = dz,
+    dx = γ·invstd·(dz - Σdz/M - x̂·Σ(dz·x̂)/M)      batch statistics (training)
+    dx = γ·invstd·dz                              constant statistics (eval, running stats)
 
-- dy_sums_kernel + input_grad_kernel (split path, large M): per-split Σdy and Σdy·(x - mean)
+Where dz comes from (DZ_FROM, a constexpr): "dy" (no activation, or dz already computed);
+"x": z recomputed from x, which backward reads anyway, so an activation costs no traffic;
+"x_residual": z recomputed from x and the saved residual; "output": act'(z) from the saved
+output y (relu, leaky_relu, elu), read instead of the residual. XHAT_FROM_OUTPUT is the
+memory-saving mode (In-Place ABN, Rota Bulò et al., CVPR 2018): x is not kept, x̂ is recovered
+from y as (act⁻¹(y) - β)/γ̂ with γ̂ = |γ| + eps, never zero, and dγ = Σ dz·x̂·sign(γ).
+
+- dy_sums_kernel + input_grad_kernel (split path, large M): per-split Σdz and Σdz·(x - mean)
   whose last program per channel block combines them (see stats.py), then a streaming dx.
-  x and dy are read twice: 5 element-sizes in 2 launches.
+  x and dy are read twice: 5 element-sizes in 2 launches. With a residual, dy_sums writes dz
+  (= d(residual)) and input_grad reads it in place of dy: 7 element sizes, one for the read
+  act'(z) needs and one for the write of d(residual).
 - backward_slab_kernel (small M): a program holds whole channels of x and dy in registers,
-  reduces and writes dx from them: 3 element-sizes in 1 launch.
-Only x, mean and invstd are saved by forward; x̂ is recomputed, never stored.
+  reduces and writes dx from them: 3 element-sizes in 1 launch (5 with a residual).
+Forward saves x (or y in the memory-saving mode), mean and invstd; x̂ is recomputed.
 """
 import triton
 import triton.language as tl
 
+from . import activations
 from .forward import slab_offsets
-from .stats import channel_scale, finished_last, tile_offsets
+from .stats import channel_scale, channel_shift, finished_last, tile_offsets
+
+
+@triton.jit
+def grad_z_and_centred(dy, x_ptr, x_offsets, y_ptr, y_offsets, residual_ptr, residual_offsets,
+                       mask, mean, scale, shift, inv_scale, param, acc_dtype: tl.constexpr,
+                       LOAD_X: tl.constexpr, ACTIVATION: tl.constexpr, DZ_FROM: tl.constexpr,
+                       XHAT_FROM_OUTPUT: tl.constexpr):
+    """(dz, x - mean) of a tile or a slab, zero where masked. mean, scale = γ·invstd (γ̂·invstd
+    with XHAT_FROM_OUTPUT), shift = β and inv_scale = 1/scale (used with XHAT_FROM_OUTPUT)
+    come broadcast to the tile's shape. Without LOAD_X
+    (dx with constant statistics, nothing to recompute) x is not read and x - mean is 0."""
+    if XHAT_FROM_OUTPUT:
+        y = tl.load(y_ptr + y_offsets, mask=mask, other=0.0).to(acc_dtype)
+        z = activations.inverse(y, param, ACTIVATION)
+        centred = (z - shift) * inv_scale
+        if ACTIVATION == "identity":
+            dz = dy
+        else:
+            dz = dy * activations.grad_from_output(y, param, ACTIVATION)
+    else:
+        if LOAD_X:
+            x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(acc_dtype)
+            centred = x - mean
+        else:
+            centred = tl.zeros(dy.shape, acc_dtype)
+        if DZ_FROM == "dy":
+            dz = dy
+        elif DZ_FROM == "output":
+            y = tl.load(y_ptr + y_offsets, mask=mask, other=0.0).to(acc_dtype)
+            dz = dy * activations.grad_from_output(y, param, ACTIVATION)
+        else:
+            z = centred * scale + shift
+            if DZ_FROM == "x_residual":
+                z += tl.load(residual_ptr + residual_offsets, mask=mask, other=0.0).to(acc_dtype)
+            dz = dy * activations.grad(z, param, ACTIVATION)
+    return tl.where(mask, dz, 0.0), tl.where(mask, centred, 0.0)
+
+
+@triton.jit
+def store_affine_grads(grad_weight_ptr, grad_bias_ptr, weight_ptr, c, c_mask, sum_dz,
+                       sum_dz_xhat, WRITE_GRAD_WEIGHT: tl.constexpr,
+                       WRITE_GRAD_BIAS: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr):
+    """dγ = Σ dz·x̂ (times sign(γ) where the forward scaled by |γ| + eps), dβ = Σ dz, each
+    when asked, in its own dtype."""
+    if WRITE_GRAD_WEIGHT:
+        grad_weight = sum_dz_xhat
+        if XHAT_FROM_OUTPUT:
+            weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0)
+            grad_weight = tl.where(weight > 0, grad_weight, tl.where(weight < 0, -grad_weight,
+                                                                       0.0))
+        tl.store(grad_weight_ptr + c, grad_weight.to(grad_weight_ptr.dtype.element_ty),
+                 mask=c_mask)
+    if WRITE_GRAD_BIAS:
+        tl.store(grad_bias_ptr + c, sum_dz.to(grad_bias_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
 def dy_sums_kernel(
-    x_ptr, dy_ptr, mean_ptr, invstd_ptr, part_sum_dy_ptr, part_sum_dy_xmu_ptr, tickets_ptr,
+    x_ptr, y_ptr, residual_ptr, dy_ptr, grad_residual_ptr, weight_ptr, bias_ptr,
+    mean_ptr, invstd_ptr, part_sum_dy_ptr, part_sum_dy_xmu_ptr, tickets_ptr,
     mean_dy_ptr, mean_dy_xhat_ptr, grad_weight_ptr, grad_bias_ptr,
-    C, S, inv_count, inv_count_lo, tiles_per_n, num_tiles, tiles_per_split, num_splits,
-    stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
+    C, S, inv_count, inv_count_lo, eps, eps_lo, act_param, act_param_lo,
+    tiles_per_n, num_tiles, tiles_per_split, num_splits,
+    stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
+    stride_rn, stride_rc, stride_rs, stride_dyn, stride_dyc, stride_dys,
+    stride_drn, stride_drc, stride_drs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_P2: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    DZ_FROM: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
     WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr, INT64: tl.constexpr,
 ):
-    """sum_dy = Σ dy and sum_dy_xhat = invstd·Σ dy·(x - mean) of every channel.
+    """sum_dy = Σ dz and sum_dy_xhat = invstd·Σ dz·(x - mean) of every channel (dz = dy
+    without an activation; see the module docstring).
 
     Grid (cdiv(C, BLOCK_C), num_splits). Program (pid_c, k) stores its split's sums in
-    part_sum_dy[c, k], part_sum_dy_xmu[c, k]; the last program of the block (an integer
-    ticket, see stats.finished_last) adds the num_splits partials in a fixed order and writes
-    grad_weight = sum_dy_xhat, grad_bias = sum_dy (each when asked, in its own dtype) and the
-    dx coefficients mean_dy = sum_dy/M, mean_dy_xhat = sum_dy_xhat/M (accumulation dtype), with
-    1/M given as inv_count + inv_count_lo.
-    x, dy: (N, C, S), each with its own strides. mean, invstd: (C,)."""
+    part_sum_dy[c, k], part_sum_dy_xmu[c, k], and with WRITE_GRAD_RESIDUAL its tiles of dz to
+    grad_residual; the last program of the block (an integer ticket, see stats.finished_last)
+    adds the num_splits partials in a fixed order and writes grad_weight and grad_bias (each
+    when asked, in its own dtype) and the dx coefficients mean_dy = sum_dy/M,
+    mean_dy_xhat = sum_dy_xhat/M (accumulation dtype), with 1/M given as
+    inv_count + inv_count_lo. x, y, residual, dy, grad_residual: (N, C, S), each with its own
+    strides. mean, invstd: (C,)."""
     acc_dtype = mean_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    scale = channel_scale(weight_ptr, c, c_mask, invstd, eps, eps_lo, HAS_WEIGHT,
+                          XHAT_FROM_OUTPUT)
+    shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
+    inv_scale = 1.0 / tl.where(c_mask, scale, 1.0)  # x - mean from the output (no 1/0)
+    param = activations.parameter(act_param, act_param_lo, acc_dtype)
 
     # Lane-wise sums over the tiles, reduced across the block once after the loop: no
     # barrier inside the loop.
@@ -51,14 +130,26 @@ def dy_sums_kernel(
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     for tile in range(first, last):
-        x_offsets, mask = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_xn, stride_xc,
-                                       stride_xs, BLOCK_C, BLOCK_S, INT64)
-        dy_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_dyn, stride_dyc,
-                                     stride_dys, BLOCK_C, BLOCK_S, INT64)
-        x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(acc_dtype)
+        dy_offsets, mask = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_dyn, stride_dyc,
+                                        stride_dys, BLOCK_C, BLOCK_S, INT64)
+        x_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_xn, stride_xc,
+                                    stride_xs, BLOCK_C, BLOCK_S, INT64)
+        y_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_yn, stride_yc,
+                                    stride_ys, BLOCK_C, BLOCK_S, INT64)
+        r_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_rn, stride_rc,
+                                    stride_rs, BLOCK_C, BLOCK_S, INT64)
         dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(acc_dtype)
-        lane_sum_dy += dy
-        lane_sum_dy_xmu += tl.where(mask, dy * (x - mean[:, None]), 0.0)
+        dz, centred = grad_z_and_centred(
+            dy, x_ptr, x_offsets, y_ptr, y_offsets, residual_ptr, r_offsets, mask,
+            mean[:, None], scale[:, None], shift[:, None], inv_scale[:, None], param, acc_dtype,
+            True, ACTIVATION, DZ_FROM, XHAT_FROM_OUTPUT)
+        if WRITE_GRAD_RESIDUAL:
+            dr_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_drn,
+                                         stride_drc, stride_drs, BLOCK_C, BLOCK_S, INT64)
+            tl.store(grad_residual_ptr + dr_offsets,
+                     dz.to(grad_residual_ptr.dtype.element_ty), mask=mask)
+        lane_sum_dy += dz
+        lane_sum_dy_xmu += dz * centred
     tl.store(part_sum_dy_ptr + c * num_splits + split, tl.sum(lane_sum_dy, axis=1), mask=c_mask)
     tl.store(part_sum_dy_xmu_ptr + c * num_splits + split, tl.sum(lane_sum_dy_xmu, axis=1),
              mask=c_mask)
@@ -69,7 +160,6 @@ def dy_sums_kernel(
         part_offsets = c[:, None] * num_splits + k[None, :]
         sum_dy = tl.sum(tl.load(part_sum_dy_ptr + part_offsets, mask=part_mask, other=0.0),
                         axis=1)
-        invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
         sum_dy_xhat = invstd * tl.sum(
             tl.load(part_sum_dy_xmu_ptr + part_offsets, mask=part_mask, other=0.0), axis=1)
         # 1/M from the host (a float32 pair, see update_running_stats): a float64 division is
@@ -77,36 +167,41 @@ def dy_sums_kernel(
         count_inverse = tl.zeros([BLOCK_C], acc_dtype) + inv_count + inv_count_lo
         tl.store(mean_dy_ptr + c, sum_dy * count_inverse, mask=c_mask)
         tl.store(mean_dy_xhat_ptr + c, sum_dy_xhat * count_inverse, mask=c_mask)
-        if WRITE_GRAD_WEIGHT:
-            tl.store(grad_weight_ptr + c, sum_dy_xhat.to(grad_weight_ptr.dtype.element_ty),
-                     mask=c_mask)
-        if WRITE_GRAD_BIAS:
-            tl.store(grad_bias_ptr + c, sum_dy.to(grad_bias_ptr.dtype.element_ty), mask=c_mask)
+        store_affine_grads(grad_weight_ptr, grad_bias_ptr, weight_ptr, c, c_mask, sum_dy,
+                           sum_dy_xhat, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS, XHAT_FROM_OUTPUT)
 
 
 @triton.jit
 def input_grad_kernel(
-    x_ptr, dy_ptr, dx_ptr, weight_ptr, mean_ptr, invstd_ptr, mean_dy_ptr, mean_dy_xhat_ptr,
-    C, S, tiles_per_n, num_tiles, tiles_per_split, num_splits,
-    stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
+    x_ptr, y_ptr, residual_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
+    mean_dy_ptr, mean_dy_xhat_ptr, C, S, eps, eps_lo, act_param, act_param_lo,
+    tiles_per_n, num_tiles, tiles_per_split, num_splits,
+    stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
+    stride_rn, stride_rc, stride_rs, stride_dyn, stride_dyc, stride_dys,
     stride_dxn, stride_dxc, stride_dxs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BATCH_STATS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, INT64: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    DZ_FROM: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr, INT64: tl.constexpr,
 ):
-    """dx = γ·invstd·(dy - mean_dy - (x - mean)·invstd·mean_dy_xhat) with batch statistics
-    (BATCH_STATS, coefficients from dy_sums_kernel), dx = γ·invstd·dy otherwise (x unread).
+    """dx = γ·invstd·(dz - mean_dy - (x - mean)·invstd·mean_dy_xhat) with batch statistics
+    (BATCH_STATS, coefficients from dy_sums_kernel), dx = γ·invstd·dz otherwise (x read only
+    to recompute z).
 
-    Grid (cdiv(C, BLOCK_C), num_splits). x, dy, dx: (N, C, S), each with its own strides;
-    weight: (C,) or absent (γ = 1); mean, invstd, mean_dy, mean_dy_xhat: (C,)."""
+    Grid (cdiv(C, BLOCK_C), num_splits). x, y, residual, dy, dx: (N, C, S), each with its own
+    strides; weight, bias: (C,) or absent; mean, invstd, mean_dy, mean_dy_xhat: (C,)."""
     acc_dtype = invstd_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
-    scale = channel_scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    scale = channel_scale(weight_ptr, c, c_mask, invstd, eps, eps_lo, HAS_WEIGHT,
+                          XHAT_FROM_OUTPUT)
+    shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
+    inv_scale = 1.0 / tl.where(c_mask, scale, 1.0)  # x - mean from the output (no 1/0)
+    param = activations.parameter(act_param, act_param_lo, acc_dtype)
     if BATCH_STATS:
-        mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
         mean_dy = tl.load(mean_dy_ptr + c, mask=c_mask, other=0.0)
         xmu_coef = invstd * tl.load(mean_dy_xhat_ptr + c, mask=c_mask, other=0.0)
 
@@ -117,61 +212,90 @@ def input_grad_kernel(
                                         stride_dys, BLOCK_C, BLOCK_S, INT64)
         dx_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_dxn, stride_dxc,
                                      stride_dxs, BLOCK_C, BLOCK_S, INT64)
+        x_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_xn, stride_xc,
+                                    stride_xs, BLOCK_C, BLOCK_S, INT64)
+        y_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_yn, stride_yc,
+                                    stride_ys, BLOCK_C, BLOCK_S, INT64)
+        r_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_rn, stride_rc,
+                                    stride_rs, BLOCK_C, BLOCK_S, INT64)
         dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(acc_dtype)
+        dz, centred = grad_z_and_centred(
+            dy, x_ptr, x_offsets, y_ptr, y_offsets, residual_ptr, r_offsets, mask,
+            mean[:, None], scale[:, None], shift[:, None], inv_scale[:, None], param, acc_dtype,
+            BATCH_STATS or DZ_FROM == "x" or DZ_FROM == "x_residual", ACTIVATION, DZ_FROM,
+            XHAT_FROM_OUTPUT)
         if BATCH_STATS:
-            x_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_xn, stride_xc,
-                                        stride_xs, BLOCK_C, BLOCK_S, INT64)
-            x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(acc_dtype)
-            dy = dy - mean_dy[:, None] - (x - mean[:, None]) * xmu_coef[:, None]
-        dx = dy * scale[:, None]
+            dz = dz - mean_dy[:, None] - centred * xmu_coef[:, None]
+        dx = dz * scale[:, None]
         tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def backward_slab_kernel(
-    x_ptr, dy_ptr, dx_ptr, weight_ptr, mean_ptr, invstd_ptr, grad_weight_ptr, grad_bias_ptr,
-    C, N, S, M,
-    stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
-    stride_dxn, stride_dxc, stride_dxs,
+    x_ptr, y_ptr, residual_ptr, dy_ptr, dx_ptr, grad_residual_ptr, weight_ptr, bias_ptr,
+    mean_ptr, invstd_ptr, grad_weight_ptr, grad_bias_ptr,
+    C, N, S, M, eps, eps_lo, act_param, act_param_lo,
+    stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
+    stride_rn, stride_rc, stride_rs, stride_dyn, stride_dyc, stride_dys,
+    stride_dxn, stride_dxc, stride_dxs, stride_drn, stride_drc, stride_drs,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    BATCH_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, WRITE_GRAD_WEIGHT: tl.constexpr,
-    WRITE_GRAD_BIAS: tl.constexpr, WRITE_GRAD_INPUT: tl.constexpr, INT64: tl.constexpr,
+    BATCH_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, DZ_FROM: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr,
+    WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
+    WRITE_GRAD_INPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr, INT64: tl.constexpr,
 ):
-    """dγ, dβ and dx of whole channels held in registers: one read of x and dy, one write of dx.
+    """dγ, dβ, d(residual) and dx of whole channels held in registers: one read of x (or y) and
+    dy, one write of dx.
 
     Grid (cdiv(C, BLOCK_C),); BLOCK_N ≥ N and BLOCK_S ≥ S (see forward_slab_kernel). Computes
-    sum_dy and sum_dy_xhat from the slab, writes grad_weight/grad_bias when asked, then dx
-    (WRITE_GRAD_INPUT) with batch statistics (BATCH_STATS) or constant ones, as in the module
-    docstring. x, dy, dx: (N, C, S), each with its own strides; weight: (C,) or absent."""
+    sum_dy = Σ dz and sum_dy_xhat = Σ dz·x̂ from the slab, writes grad_weight/grad_bias and
+    grad_residual = dz when asked, then dx (WRITE_GRAD_INPUT) with batch statistics
+    (BATCH_STATS) or constant ones, as in the module docstring. x, y, residual, dy, dx,
+    grad_residual: (N, C, S), each with its own strides; weight, bias: (C,) or absent."""
     acc_dtype = mean_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    scale = channel_scale(weight_ptr, c, c_mask, invstd, eps, eps_lo, HAS_WEIGHT,
+                          XHAT_FROM_OUTPUT)
+    shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
+    inv_scale = 1.0 / tl.where(c_mask, scale, 1.0)  # x - mean from the output (no 1/0)
+    param = activations.parameter(act_param, act_param_lo, acc_dtype)
 
-    x_offsets, mask = slab_offsets(pid_c, C, N, S, stride_xn, stride_xc, stride_xs,
-                                   BLOCK_C, BLOCK_N, BLOCK_S, INT64)
-    dy_offsets, _ = slab_offsets(pid_c, C, N, S, stride_dyn, stride_dyc, stride_dys,
-                                 BLOCK_C, BLOCK_N, BLOCK_S, INT64)
+    dy_offsets, mask = slab_offsets(pid_c, C, N, S, stride_dyn, stride_dyc, stride_dys,
+                                    BLOCK_C, BLOCK_N, BLOCK_S, INT64)
+    x_offsets, _ = slab_offsets(pid_c, C, N, S, stride_xn, stride_xc, stride_xs,
+                                BLOCK_C, BLOCK_N, BLOCK_S, INT64)
+    y_offsets, _ = slab_offsets(pid_c, C, N, S, stride_yn, stride_yc, stride_ys,
+                                BLOCK_C, BLOCK_N, BLOCK_S, INT64)
+    r_offsets, _ = slab_offsets(pid_c, C, N, S, stride_rn, stride_rc, stride_rs,
+                                BLOCK_C, BLOCK_N, BLOCK_S, INT64)
     dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(acc_dtype)
-    x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(acc_dtype)
-    xmu = tl.where(mask, x - mean[:, None, None], 0.0)
-    sum_dy = tl.sum(tl.sum(dy, axis=2), axis=1)
-    sum_dy_xhat = invstd * tl.sum(tl.sum(dy * xmu, axis=2), axis=1)
-    if WRITE_GRAD_WEIGHT:
-        tl.store(grad_weight_ptr + c, sum_dy_xhat.to(grad_weight_ptr.dtype.element_ty),
-                 mask=c_mask)
-    if WRITE_GRAD_BIAS:
-        tl.store(grad_bias_ptr + c, sum_dy.to(grad_bias_ptr.dtype.element_ty), mask=c_mask)
+    dz, centred = grad_z_and_centred(
+        dy, x_ptr, x_offsets, y_ptr, y_offsets, residual_ptr, r_offsets, mask,
+        mean[:, None, None], scale[:, None, None], shift[:, None, None],
+        inv_scale[:, None, None], param, acc_dtype,
+        WRITE_GRAD_WEIGHT or (WRITE_GRAD_INPUT and BATCH_STATS) or DZ_FROM == "x"
+        or DZ_FROM == "x_residual",
+        ACTIVATION, DZ_FROM, XHAT_FROM_OUTPUT)
+    if WRITE_GRAD_RESIDUAL:
+        dr_offsets, _ = slab_offsets(pid_c, C, N, S, stride_drn, stride_drc, stride_drs,
+                                     BLOCK_C, BLOCK_N, BLOCK_S, INT64)
+        tl.store(grad_residual_ptr + dr_offsets, dz.to(grad_residual_ptr.dtype.element_ty),
+                 mask=mask)
+    sum_dy = tl.sum(tl.sum(dz, axis=2), axis=1)
+    sum_dy_xhat = invstd * tl.sum(tl.sum(dz * centred, axis=2), axis=1)
+    store_affine_grads(grad_weight_ptr, grad_bias_ptr, weight_ptr, c, c_mask, sum_dy,
+                       sum_dy_xhat, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS, XHAT_FROM_OUTPUT)
 
     if WRITE_GRAD_INPUT:
-        scale = channel_scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
         if BATCH_STATS:
             mean_dy = sum_dy / M
             xmu_coef = invstd * sum_dy_xhat / M
-            dy = dy - mean_dy[:, None, None] - xmu * xmu_coef[:, None, None]
-        dx = dy * scale[:, None, None]
+            dz = dz - mean_dy[:, None, None] - centred * xmu_coef[:, None, None]
+        dx = dz * scale[:, None, None]
         dx_offsets, _ = slab_offsets(pid_c, C, N, S, stride_dxn, stride_dxc, stride_dxs,
                                      BLOCK_C, BLOCK_N, BLOCK_S, INT64)
         tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -1,11 +1,17 @@
 """Normalize, scale and shift: Algorithm 1, lines 3-4, of arXiv:1502.03167, and the inference
-transform of its section 3.1 when the statistics are the running ones.
+transform of its section 3.1 when the statistics are the running ones; with an epilogue that
+fuses what follows a batch norm in a network: y = act(x̂·γ + β + residual).
 
 - normalize_kernel streams x -> y with per-channel statistics read from memory: those of
-  batch_stats_kernel (split path, training) or the running ones (eval). 2 element-sizes.
+  batch_stats_kernel (split path, training) or the running ones (eval). 2 element-sizes
+  (3 with a residual).
 - forward_slab_kernel does the whole training forward in one launch when a channel's M values
   fit in one program's registers (small M): it loads the slab once, reduces it, updates the
-  running statistics and writes y from registers. 2 element-sizes, 1 launch.
+  running statistics and writes y from registers. 2 element-sizes (3 with a residual), 1 launch.
+
+The epilogue is constexpr flags, not other kernels: HAS_RESIDUAL adds residual[n, c, s] (read
+through its own strides) after the affine, ACTIVATION names the activation (activations.py),
+ABS_WEIGHT scales by |γ| + eps (the memory-saving mode, see channel_scale).
 
 x - mean is formed as (x - pivot) - (mean - pivot) with pivot = x[0, c, 0] and mean - pivot
 unrounded, so a large common offset cancels before anything is rounded (see stats.py).
@@ -13,26 +19,40 @@ unrounded, so a large common offset cancels before anything is rounded (see stat
 import triton
 import triton.language as tl
 
+from . import activations
 from .stats import (channel_pivot, channel_scale, channel_shift, inverse_std, tile_offsets,
                     update_running_stats)
 
 
 @triton.jit
+def epilogue(z, residual_ptr, residual_offsets, mask, act_param, HAS_RESIDUAL: tl.constexpr,
+             ACTIVATION: tl.constexpr):
+    """act(z + residual) of a tile or slab; z = x̂·γ + β, in the accumulation dtype."""
+    if HAS_RESIDUAL:
+        z += tl.load(residual_ptr + residual_offsets, mask=mask, other=0.0).to(z.dtype)
+    return activations.activate(z, act_param, ACTIVATION)
+
+
+@triton.jit
 def normalize_kernel(
-    x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr, centre_ptr,
+    x_ptr, y_ptr, residual_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr, centre_ptr,
     running_mean_ptr, running_var_ptr,
     C, S, tiles_per_n, num_tiles, tiles_per_split, num_splits, eps, eps_lo,
+    act_param, act_param_lo,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
+    stride_rn, stride_rc, stride_rs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BATCH_STATS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, INT64: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr, ABS_WEIGHT: tl.constexpr, INT64: tl.constexpr,
 ):
-    """y[n, c, s] = (x[n, c, s] - mean[c])·invstd[c]·γ[c] + β[c].
+    """y[n, c, s] = act((x[n, c, s] - mean[c])·invstd[c]·γ[c] + β[c] + residual[n, c, s]).
 
     Grid (cdiv(C, BLOCK_C), num_splits); program (pid_c, k) writes the tiles of split k.
-    x, y: (N, C, S), any strides (y may differ from x). weight, bias: (C,) or absent (γ = 1,
+    x, y, residual: (N, C, S), each with its own strides. weight, bias: (C,) or absent (γ = 1,
     β = 0). BATCH_STATS: invstd and centre = mean - x[0, c, 0] come from batch_stats_kernel.
     Otherwise mean = running_mean, invstd = 1/sqrt(running_var + eps) (eps a float32 pair, see
-    update_running_stats), which split 0 writes to mean/invstd for backward."""
+    update_running_stats), which split 0 writes to mean/invstd for backward. act_param: the
+    activation's parameter as a float32 pair."""
     acc_dtype = invstd_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
@@ -52,8 +72,9 @@ def normalize_kernel(
             tl.store(mean_ptr + c, centre, mask=c_mask)
             tl.store(invstd_ptr + c, invstd, mask=c_mask)
 
-    scale = channel_scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
+    scale = channel_scale(weight_ptr, c, c_mask, invstd, eps, eps_lo, HAS_WEIGHT, ABS_WEIGHT)
     shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
+    param = activations.parameter(act_param, act_param_lo, acc_dtype)
 
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
@@ -62,8 +83,11 @@ def normalize_kernel(
                                        stride_xs, BLOCK_C, BLOCK_S, INT64)
         y_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_yn, stride_yc,
                                     stride_ys, BLOCK_C, BLOCK_S, INT64)
+        r_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_rn, stride_rc,
+                                    stride_rs, BLOCK_C, BLOCK_S, INT64)
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(acc_dtype)
-        y = ((x - pivot[:, None]) - centre[:, None]) * scale[:, None] + shift[:, None]
+        z = ((x - pivot[:, None]) - centre[:, None]) * scale[:, None] + shift[:, None]
+        y = epilogue(z, residual_ptr, r_offsets, mask, param, HAS_RESIDUAL, ACTIVATION)
         tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -86,20 +110,22 @@ def slab_offsets(pid_c, C, N, S, stride_n, stride_c, stride_s, BLOCK_C: tl.const
 
 @triton.jit
 def forward_slab_kernel(
-    x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
+    x_ptr, y_ptr, residual_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
     running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
-    C, N, S, M, momentum, momentum_lo, eps, eps_lo,
+    C, N, S, M, momentum, momentum_lo, eps, eps_lo, act_param, act_param_lo,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
+    stride_rn, stride_rc, stride_rs,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_COUNT: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, INT64: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr, ABS_WEIGHT: tl.constexpr, INT64: tl.constexpr,
 ):
     """Training forward of whole channels held in registers, one read of x and one write of y.
 
     Grid (cdiv(C, BLOCK_C),); BLOCK_N ≥ N and BLOCK_S ≥ S, so a program's slab holds every one
     of the M = N·S values of its channels. With x' = x - pivot (pivot = x[0, c, 0]):
         centre = Σ x'/M,  var = Σ (x' - centre)²/M,  mean = pivot + centre,
-        y = (x' - centre)·invstd·γ + β,  invstd = 1/sqrt(var + eps),
+        y = act((x' - centre)·invstd·γ + β + residual),  invstd = 1/sqrt(var + eps),
     an exact two-pass variance over registers. Writes mean and invstd (accumulation dtype),
     and with UPDATE_RUNNING the running statistics (see update_running_stats)."""
     acc_dtype = mean_ptr.dtype.element_ty
@@ -123,9 +149,13 @@ def forward_slab_kernel(
         update_running_stats(running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, c,
                              c_mask, mean, var, M, momentum, momentum_lo, MOMENTUM_FROM_COUNT)
 
-    scale = channel_scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
+    scale = channel_scale(weight_ptr, c, c_mask, invstd, eps, eps_lo, HAS_WEIGHT, ABS_WEIGHT)
     shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
-    y = x * scale[:, None, None] + shift[:, None, None]
+    z = x * scale[:, None, None] + shift[:, None, None]
+    r_offsets, _ = slab_offsets(pid_c, C, N, S, stride_rn, stride_rc, stride_rs,
+                                BLOCK_C, BLOCK_N, BLOCK_S, INT64)
+    param = activations.parameter(act_param, act_param_lo, acc_dtype)
+    y = epilogue(z, residual_ptr, r_offsets, mask, param, HAS_RESIDUAL, ACTIVATION)
     y_offsets, _ = slab_offsets(pid_c, C, N, S, stride_yn, stride_yc, stride_ys,
                                 BLOCK_C, BLOCK_N, BLOCK_S, INT64)
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)

@@ -87,11 +87,17 @@ def inverse_std(var, eps):
 
 
 @triton.jit
-def channel_scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT: tl.constexpr):
+def channel_scale(weight_ptr, c, c_mask, invstd, eps, eps_lo, HAS_WEIGHT: tl.constexpr,
+                  ABS_WEIGHT: tl.constexpr):
     """scale = γ·invstd per channel (γ = 1 when absent), in invstd's dtype: forward's
-    y = (x - mean)·scale + β and backward's dx = scale·(...)."""
+    y = (x - mean)·scale + β and backward's dx = scale·(...). ABS_WEIGHT (the memory-saving
+    mode) takes γ̂ = |γ| + eps instead (eps a float32 pair): never zero, so x̂ = (z - β)/γ̂ can
+    be recovered."""
     if HAS_WEIGHT:
-        return invstd * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(invstd.dtype)
+        weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(invstd.dtype)
+        if ABS_WEIGHT:
+            weight = tl.abs(weight) + eps + eps_lo
+        return invstd * weight
     else:
         return invstd
 

@@ -192,20 +192,29 @@ def run_scenario(scenario: Dict[str, Any]) -> List[Tuple[Any, tuple, dict]]:
     def record(self, *args, grid, warmup=False, **kwargs):
         launches.append((self, args, kwargs))
 
+    from bn_triton.epilogue import Activation
+    activation = Activation(scenario.get("activation", "identity"), scenario.get("act_param", 0.0))
+    residual = (_meta_tensor(torch, shape, dtype, scenario.get("residual_layout", "contiguous"))
+                if scenario.get("residual") else None)
+    memory_efficient = scenario.get("memory_efficient", False)
+    want_dr = residual is not None and scenario.get("grad_residual", True)
     original = JITFunction.run
     JITFunction.run = record
     try:
         functional.check_batch_norm_args(x, running_mean, running_var, weight, bias, training,
                                          1e-5)
         # The launch layer itself: on meta tensors the ops would run their fake kernels.
-        _, mean, invstd = launch.batch_norm_forward(
+        y, mean, invstd = launch.batch_norm_forward(
             x, weight, bias, running_mean, running_var, num_batches_tracked, training,
-            0.0 if momentum is None else momentum, 1e-5)
-        if want_dx or want_dw or want_db:
+            0.0 if momentum is None else momentum, 1e-5, residual, activation,
+            memory_efficient)
+        if want_dx or want_dw or want_db or want_dr:
             dy = _meta_tensor(torch, shape, dtype, scenario.get("dy_layout", "contiguous"))
-            launch.batch_norm_backward(dy, x, weight, mean, invstd, training,
-                                       (want_dx, want_dw, want_db),
-                                       None if bias is None else bias.dtype)
+            launch.batch_norm_backward(dy, x, y, residual, weight, bias, mean, invstd, training,
+                                       (want_dx, want_dw, want_db, want_dr),
+                                       None if bias is None else bias.dtype,
+                                       residual is not None, activation, memory_efficient,
+                                       1e-5)
     finally:
         JITFunction.run = original
     return launches

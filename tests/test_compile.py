@@ -125,6 +125,71 @@ for mode, call in MODES.items():
                               param_dtype="float32", **call))
     SCENARIOS.append(scenario(f"slab-{mode}-float32", SLAB, "float32", BOTH, **call))
 
+# The fused epilogue (bn_triton.epilogue): every activation in a forward and a backward
+# kernel, every source of dz, the residual on both paths, the memory-saving mode.
+ACTIVATIONS = ("relu", "leaky_relu", "elu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh")
+PARAMS = {"leaky_relu": 0.01, "elu": 1.0}
+FUSED = [
+    # No residual: z recomputed from x (DZ_FROM "x"), split and slab.
+    *[scenario(f"fused-{act}-float32", RESNET if i % 2 else SLAB, "float32",
+               BOTH if act in ("relu", "silu") else SM90, activation=act,
+               act_param=PARAMS.get(act, 0.0)) for i, act in enumerate(ACTIVATIONS)],
+    # A residual with an act' from the output (DZ_FROM "output"): dz written as d(residual).
+    scenario("fused-relu-residual-float32", RESNET, "float32", BOTH, activation="relu",
+             residual=True, all_configs=True),
+    scenario("fused-relu-residual-bfloat16", RESNET, "bfloat16", SM90, activation="relu",
+             residual=True, param_dtype="float32"),
+    # ... recomputed from x and the residual (DZ_FROM "x_residual").
+    scenario("fused-silu-residual-float32", RESNET, "float32", BOTH, activation="silu",
+             residual=True),
+    scenario("fused-gelu-residual-bfloat16", RESNET, "bfloat16", SM90, activation="gelu",
+             residual=True),
+    # The residual's grad not asked for: dz handed from the sums to dx through a buffer.
+    scenario("fused-tanh-residual-no-dr-float32", RESNET, "float32", SM90, activation="tanh",
+             residual=True, grad_residual=False),
+    # Identity with a residual: dz = dy, only the forward reads the residual.
+    scenario("fused-identity-residual-float32", RESNET, "float32", BOTH, residual=True),
+    # The slab path with a residual holds three tensors: half the slab, at its largest
+    # (N·S = 16384 forward, 8192 backward).
+    scenario("slab-max-fused-relu-residual-float32", (16, 16, 32, 32), "float32", BOTH,
+             activation="relu", residual=True, all_configs=True),
+    scenario("slab-fused-silu-residual-float32", SLAB, "float32", BOTH, activation="silu",
+             residual=True, all_configs=True),
+    scenario("slab-fused-relu-residual-bfloat16", SLAB, "bfloat16", SM90, activation="relu",
+             residual=True),
+    # float64: the slab forward and a split backward (half tiles) with a residual; the slab
+    # both ways without one.
+    scenario("fused-gelu-residual-float64", (16, 16, 16, 16), "float64", BOTH,
+             activation="gelu", residual=True),
+    scenario("slab-fused-gelu_tanh-float64", (16, 16, 16, 16), "float64", BOTH,
+             activation="gelu_tanh"),
+    scenario("fused-silu-residual-float64", RESNET, "float64", BOTH, activation="silu",
+             residual=True),
+    # A channels_last residual beside contiguous x, and the other way round.
+    scenario("fused-relu-residual-nhwc-float32", RESNET, "float32", SM90, activation="relu",
+             residual=True, residual_layout="channels_last"),
+    scenario("slab-fused-silu-residual-nhwc-float32", (32, 64, 8, 8), "float32", BOTH,
+             activation="silu", residual=True, layout="channels_last"),
+    # Eval: normalize and a dx-only input_grad with the activation.
+    scenario("eval-fused-relu-residual-float32", RESNET, "float32", BOTH, activation="relu",
+             residual=True, training=False),
+    scenario("eval-fused-silu-dx-float32", RESNET, "float32", BOTH, activation="silu",
+             training=False, grads=(True, False, False)),
+    scenario("eval-fused-silu-residual-dx-float32", RESNET, "float32", SM90,
+             activation="silu", residual=True, training=False, grads=(True, False, False),
+             grad_residual=False),
+    # The memory-saving mode: x̂ from the output, |γ| + eps.
+    scenario("memory-efficient-leaky-float32", RESNET, "float32", BOTH, activation="leaky_relu",
+             act_param=0.01, memory_efficient=True),
+    scenario("slab-memory-efficient-elu-float32", SLAB, "float32", BOTH, activation="elu",
+             act_param=1.0, memory_efficient=True, all_configs=True),
+    scenario("memory-efficient-identity-bfloat16", RESNET, "bfloat16", SM90,
+             memory_efficient=True),
+    scenario("slab-memory-efficient-leaky-float64", (16, 16, 16, 16), "float64", BOTH,
+             activation="leaky_relu", act_param=0.1, memory_efficient=True),
+]
+SCENARIOS += FUSED
+
 CASES = [(s, cc) for s in SCENARIOS for cc in s["targets"]]
 STREAMING = {"batch_stats_kernel", "normalize_kernel", "dy_sums_kernel", "input_grad_kernel"}
 STORES_IN_LOOP = {"normalize_kernel", "input_grad_kernel"}
@@ -134,18 +199,28 @@ SLABS = {"forward_slab_kernel", "backward_slab_kernel"}
 # invstd, γ, β, running stats, dγ, dβ), narrow and in numbers that vary with the layout, so
 # the check counts the 128-bit accesses instead: enough to move every value a thread holds of
 # each tensor it streams.
-STREAMED = {  # kernel -> (tensors loaded, tensors stored) given its constexprs
+STREAMED = {  # kernel -> (tensors loaded, tensors stored) given its constexprs, at least
     "batch_stats_kernel": lambda k: (1, 0),
-    "normalize_kernel": lambda k: (1, 1),
-    "forward_slab_kernel": lambda k: (1, 1),
-    "dy_sums_kernel": lambda k: (2, 0),
+    "normalize_kernel": lambda k: (1 + k["HAS_RESIDUAL"], 1),
+    "forward_slab_kernel": lambda k: (1 + k["HAS_RESIDUAL"], 1),
+    "dy_sums_kernel": lambda k: (2 + (k["DZ_FROM"] in ("output", "x_residual")
+                                      and not k["XHAT_FROM_OUTPUT"]), k["WRITE_GRAD_RESIDUAL"]),
     "input_grad_kernel": lambda k: (2 if k["BATCH_STATS"] else 1, 1),
-    # x is read only for dγ or for dx with batch statistics; dy always.
+    # x is read only for dγ, for dx with batch statistics or to recompute z; dy always.
     "backward_slab_kernel": lambda k: (
         1 + (k["WRITE_GRAD_WEIGHT"] or (k["WRITE_GRAD_INPUT"] and k["BATCH_STATS"])),
-        1 if k["WRITE_GRAD_INPUT"] else 0),
+        int(k["WRITE_GRAD_INPUT"]) + int(k["WRITE_GRAD_RESIDUAL"])),
 }
 ELEMENT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp64": 64}
+
+
+def element_type(spec) -> str:
+    """The type of the activations a launch streams: x's, or dy's where x is not read (the
+    memory-saving backward)."""
+    signature = spec["signature"]
+    pointer = next(signature[name] for name in ("x_ptr", "dy_ptr")
+                   if signature.get(name, "constexpr") != "constexpr")
+    return pointer.lstrip("*")
 
 
 def aligned_nchw(s) -> bool:
@@ -153,7 +228,8 @@ def aligned_nchw(s) -> bool:
     aligned address, in a type of at most 32 bits: a 128-bit access holds 4 or 8 values."""
     S = math.prod(s["shape"][2:])
     return (len(s["shape"]) > 2 and S % 16 == 0 and s.get("layout", "contiguous") == "contiguous"
-            and s.get("dy_layout", "contiguous") == "contiguous" and not s.get("offset", 0)
+            and s.get("dy_layout", "contiguous") == "contiguous"
+            and s.get("residual_layout", "contiguous") == "contiguous" and not s.get("offset", 0)
             and s["dtype"] != "float64")
 
 
@@ -189,7 +265,7 @@ def table(result) -> str:
         flags = " ".join("".join(word[0] for word in k.split("_")) if k != "INT64" else "I64"
                          for k, v in consts.items() if v is True)
         tile = f"{consts['BLOCK_C']}x{consts['BLOCK_S']}"
-        x_type = spec["signature"]["x_ptr"].lstrip("*")
+        x_type = element_type(spec)
         for cc, r in result["results"][key].items():
             if not r["ok"]:
                 rows.append(f"{key:27} {x_type:5} {tile:8} {flags:22} {cc:>3} FAILED")
@@ -224,13 +300,26 @@ def test_every_kernel_compiled_for_both_targets(compiled):
 
 FLAGS = {
     "batch_stats_kernel": ("UPDATE_RUNNING", "MOMENTUM_FROM_COUNT", "INT64"),
-    "normalize_kernel": ("BATCH_STATS", "HAS_WEIGHT", "HAS_BIAS", "INT64"),
+    "normalize_kernel": ("BATCH_STATS", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL", "ABS_WEIGHT",
+                         "INT64"),
     "forward_slab_kernel": ("UPDATE_RUNNING", "MOMENTUM_FROM_COUNT", "HAS_WEIGHT", "HAS_BIAS",
-                            "INT64"),
-    "dy_sums_kernel": ("WRITE_GRAD_WEIGHT", "WRITE_GRAD_BIAS", "INT64"),
-    "input_grad_kernel": ("BATCH_STATS", "HAS_WEIGHT", "INT64"),
-    "backward_slab_kernel": ("BATCH_STATS", "HAS_WEIGHT", "WRITE_GRAD_WEIGHT", "WRITE_GRAD_BIAS",
-                             "WRITE_GRAD_INPUT", "INT64"),
+                            "HAS_RESIDUAL", "ABS_WEIGHT", "INT64"),
+    "dy_sums_kernel": ("HAS_BIAS", "XHAT_FROM_OUTPUT", "WRITE_GRAD_RESIDUAL",
+                       "WRITE_GRAD_WEIGHT", "WRITE_GRAD_BIAS", "INT64"),
+    "input_grad_kernel": ("BATCH_STATS", "HAS_WEIGHT", "HAS_BIAS", "XHAT_FROM_OUTPUT", "INT64"),
+    "backward_slab_kernel": ("BATCH_STATS", "HAS_WEIGHT", "HAS_BIAS", "XHAT_FROM_OUTPUT",
+                             "WRITE_GRAD_WEIGHT", "WRITE_GRAD_BIAS", "WRITE_GRAD_INPUT",
+                             "WRITE_GRAD_RESIDUAL", "INT64"),
+}
+# The named variants: every activation in the forward and the backward kernels, every source
+# of dz in each backward kernel.
+NAMED = {
+    ("forward_slab_kernel", "normalize_kernel"): ("ACTIVATION", ("identity",) + ACTIVATIONS),
+    ("backward_slab_kernel", "dy_sums_kernel", "input_grad_kernel"): (
+        "ACTIVATION", ("identity",) + ACTIVATIONS),
+    ("backward_slab_kernel",): ("DZ_FROM", ("dy", "x", "x_residual", "output")),
+    ("dy_sums_kernel",): ("DZ_FROM", ("dy", "x", "x_residual", "output")),
+    ("input_grad_kernel",): ("DZ_FROM", ("dy", "x", "x_residual", "output")),
 }
 
 
@@ -241,6 +330,14 @@ def test_scenarios_reach_every_flag_value(compiled, kernel):
     for flag in FLAGS[kernel]:
         seen = {spec["constexprs"].get(flag, "absent") for spec in specs}
         assert seen == {True, False}, f"{kernel}.{flag} only compiled with {seen}"
+
+
+@pytest.mark.parametrize("kernels, flag, values", [(k, *v) for k, v in NAMED.items()],
+                         ids=[f"{'+'.join(k)}-{v[0]}" for k, v in NAMED.items()])
+def test_scenarios_reach_every_named_variant(compiled, kernels, flag, values):
+    seen = {spec["constexprs"].get(flag) for spec in compiled["specs"].values()
+            if spec["kernel"] in kernels}
+    assert set(values) <= seen, f"{kernels}.{flag}: {sorted(set(values) - seen)} never compiled"
 
 
 @pytest.mark.parametrize("s, cc", CASES, ids=[f"{s['name']}-sm{cc}" for s, cc in CASES])
@@ -262,7 +359,7 @@ def test_tile_loops_use_128_bit_accesses_on_sm90(compiled, s):
             checked += 1
             threads = 32 * spec["options"]["num_warps"]
             values = consts["BLOCK_C"] * consts["BLOCK_S"] * consts.get("BLOCK_N", 1) / threads
-            bits = ELEMENT_BITS[spec["signature"]["x_ptr"].lstrip("*")]
+            bits = ELEMENT_BITS[element_type(spec)]
             vectors_per_tensor = math.ceil(values * bits / 128)
             for kind, tensors in zip(("ld", "st"), STREAMED[spec["kernel"]](consts)):
                 wide = int(r[kind].get("128", 0))

@@ -61,11 +61,14 @@ def forward_args(shape, fmt, dtype, params, training, momentum, device):
 
 
 def backward_args(forward, output_mask):
+    """Arguments of bn_triton::batch_norm_backward for a batch norm alone: x kept, no output,
+    no residual; output_mask (dx, dγ, dβ), d(residual) not asked for."""
     x, weight, bias, *_, training, _, _ = forward
     y, mean, invstd = FORWARD(*forward)
     grad_output = torch.randn_like(y)
-    return (grad_output, x, weight, mean, invstd, training,
-            [bool(wanted) for wanted in output_mask], None if bias is None else bias.dtype)
+    return (grad_output, x, None, None, weight, None, mean, invstd, training,
+            [bool(wanted) for wanted in output_mask] + [False],
+            None if bias is None else bias.dtype)
 
 
 def sample_params():
@@ -142,8 +145,9 @@ def test_forward_writes_running_statistics_in_training_only(training, device):
 def test_gradients_not_asked_for_come_back_empty(device):
     args = backward_args(forward_args((4, 3, 5), "contiguous", torch.float32,
                                       "affine+running", True, 0.1, device), (False, True, False))
-    grad_input, grad_weight, grad_bias = BACKWARD(*args)
+    grad_input, grad_weight, grad_bias, grad_residual = BACKWARD(*args)
     assert grad_input.numel() == 0 and grad_bias.numel() == 0 and grad_weight.shape == (3,)
+    assert grad_residual.numel() == 0
 
 
 def test_double_backward_raises_through_the_backward_op(device):
