@@ -3,9 +3,12 @@ drop-in PyTorch front end."""
 from . import reference
 from .dispatch import backend
 from .functional import batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm
+from .convert import convert_batchnorm, fuse_batchnorm_activations
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
+                      BatchNormAct3d)
 from .switch import disable, enable, enabled, is_enabled
 
-__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm",
+__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d",
+           "BatchNormAct2d", "BatchNormAct3d", "convert_batchnorm", "fuse_batchnorm_activations",
            "enable", "disable", "enabled", "is_enabled", "backend", "reference"]
 __version__ = "0.1.0"

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # name -> (its parameter's keyword, default), or None for a parameterless activation.
 ACTIVATIONS = {
@@ -121,3 +122,58 @@ def torch_activation(activation: Activation) -> Callable[[torch.Tensor], torch.T
         "sigmoid": torch.sigmoid,
         "tanh": torch.tanh,
     }[name]
+
+
+# timm's names and torch's activation modules, for act_layer and for model fusion.
+ALIASES = {"swish": "silu", "none": "identity"}
+MODULES = {nn.Identity: "identity", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu",
+           nn.SiLU: "silu", nn.GELU: "gelu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+# Keywords of torch's activation modules (and timm's act_kwargs) that change nothing here.
+IGNORED_KWARGS = ("inplace",)
+
+
+def activation_of_layer(act_layer: Union[str, type, nn.Module, None],
+                        act_kwargs: Optional[Mapping[str, object]] = None) -> Activation:
+    """The Activation of timm's act_layer: a name ('relu', 'silu', 'swish', ...), one of
+    torch's activation module classes (nn.ReLU, nn.SiLU, nn.GELU, ...) or an instance, with
+    act_kwargs as that class takes them (negative_slope, alpha, approximate; inplace is
+    ignored). ValueError for anything else."""
+    kwargs = {k: v for k, v in dict(act_kwargs or {}).items() if k not in IGNORED_KWARGS}
+    if act_layer is None:
+        return parse_activation(None, kwargs)
+    if isinstance(act_layer, str):
+        name = act_layer.lower().replace("-", "_")
+        return parse_activation(ALIASES.get(name, name), kwargs)
+    if isinstance(act_layer, nn.Module):
+        activation = activation_of_module(act_layer)
+        if activation is None or kwargs:
+            raise ValueError(f"act_layer {act_layer!r} is not an activation bn_triton fuses"
+                             if activation is None else "act_kwargs with an act_layer instance")
+        return activation
+    if isinstance(act_layer, type) and act_layer in MODULES:
+        name = MODULES[act_layer]
+        if name == "gelu":
+            approximate = kwargs.pop("approximate", "none")
+            if approximate not in ("none", "tanh"):
+                raise ValueError(f"nn.GELU approximate must be 'none' or 'tanh', got "
+                                 f"{approximate!r}")
+            name = "gelu_tanh" if approximate == "tanh" else "gelu"
+        return parse_activation(name, kwargs)
+    raise ValueError(f"act_layer must be a name of {', '.join(ACTIVATIONS)} or one of torch's "
+                     f"activation modules ({', '.join(c.__name__ for c in MODULES)}), got "
+                     f"{act_layer!r}")
+
+
+def activation_of_module(module: nn.Module) -> Optional[Activation]:
+    """The Activation a torch activation module computes (exactly its class, not a
+    subclass), or None."""
+    name = MODULES.get(type(module))
+    if name is None:
+        return None
+    if name == "leaky_relu":
+        return Activation(name, float(module.negative_slope))
+    if name == "elu":
+        return Activation(name, float(module.alpha))
+    if name == "gelu":
+        return Activation("gelu_tanh" if module.approximate == "tanh" else "gelu")
+    return Activation(name)

@@ -1,9 +1,14 @@
-"""BatchNorm1d/2d/3d as subclasses of torch's, with the computation on the Triton kernels."""
+"""BatchNorm1d/2d/3d and BatchNormAct1d/2d/3d as subclasses of torch's BatchNorm classes, with
+the computation on the Triton kernels."""
+from typing import Mapping, Optional, Union
+
 import torch
 from torch import nn
 
 from .dispatch import TORCH, backend
-from .functional import apply_batch_norm, check_batch_norm_args
+from .epilogue import (IDENTITY, Activation, activation_of_layer, check_memory_efficient,
+                       torch_activation)
+from .functional import apply_batch_norm, check_batch_norm_args, composed_batch_norm
 
 
 class _TritonBatchNorm:
@@ -13,6 +18,13 @@ class _TritonBatchNorm:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if backend(input) == TORCH:
             return super().forward(input)
+        return self._batch_norm(input)
+
+    def _batch_norm(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                    activation: Optional[Activation] = None,
+                    memory_efficient: bool = False) -> torch.Tensor:
+        """torch's bookkeeping (num_batches_tracked, momentum=None, which statistics), then the
+        batch norm and its epilogue: on the kernels, or in torch's ops where none serves."""
         self._check_input_dim(input)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
@@ -30,8 +42,16 @@ class _TritonBatchNorm:
                 # 1/num_batches_tracked is read by the kernel: no host synchronisation, and
                 # nothing that torch.compile has to break its graph for.
                 num_batches_tracked = self.num_batches_tracked
+        if backend(input) == TORCH:
+            if num_batches_tracked is not None:
+                momentum = 1.0 / float(num_batches_tracked)
+            return composed_batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                       bn_training, momentum, self.eps, residual,
+                                       activation or IDENTITY, memory_efficient)
         return apply_batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                bn_training, momentum, self.eps, num_batches_tracked)
+                                bn_training, momentum, self.eps, num_batches_tracked,
+                                residual=residual, activation=activation,
+                                memory_efficient=memory_efficient)
 
 
 class BatchNorm1d(_TritonBatchNorm, nn.BatchNorm1d):
@@ -46,20 +66,60 @@ class BatchNorm3d(_TritonBatchNorm, nn.BatchNorm3d):
     """Drop-in for torch.nn.BatchNorm3d computed by bn_triton's kernels."""
 
 
-_REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
-                 nn.BatchNorm3d: BatchNorm3d}
+class _TritonBatchNormAct(_TritonBatchNorm):
+    """act(BN(x) + residual) in the launches of BN alone: timm's BatchNormAct as a subclass of
+    torch's BatchNorm class, so the parameters and buffers, and so the state_dict keys, are
+    nn.BatchNorm's (weights load both ways). The activation is held by name and parameter, not
+    as a submodule."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, apply_act: bool = True,
+                 act_layer: Union[str, type, nn.Module, None] = "relu",
+                 act_kwargs: Optional[Mapping[str, object]] = None,
+                 memory_efficient: bool = False, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
+        activation = activation_of_layer(act_layer if apply_act else None, act_kwargs)
+        if memory_efficient:
+            check_memory_efficient(activation, has_residual=False)
+        self.activation = activation.name
+        self.activation_param = activation.param
+        self.memory_efficient = memory_efficient
+
+    def forward(self, input: torch.Tensor,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """act(BN(input) + residual). A residual that does not match the input in shape, dtype
+        or device (one that torch's add would broadcast or promote) is added unfused, after a
+        batch norm without activation, so that the result is exactly the unfused one's."""
+        activation = Activation(self.activation, self.activation_param)
+        if residual is not None and not _matches(residual, input):
+            out = self._batch_norm(input) + residual
+            return torch_activation(activation)(out)
+        if self.memory_efficient:
+            check_memory_efficient(activation, residual is not None)
+        return self._batch_norm(input, residual, activation, self.memory_efficient)
+
+    def extra_repr(self) -> str:
+        act = self.activation
+        if act in ("leaky_relu", "elu"):
+            keyword = "negative_slope" if act == "leaky_relu" else "alpha"
+            act = f"{act}({keyword}={self.activation_param})"
+        saving = ", memory_efficient=True" if self.memory_efficient else ""
+        return f"{super().extra_repr()}, act={act}{saving}"
 
 
-def convert_batchnorm(module: nn.Module) -> nn.Module:
-    """Make every torch.nn.BatchNorm1d/2d/3d in `module` (itself and nested) bn_triton's, and
-    return `module`.
+def _matches(residual: torch.Tensor, input: torch.Tensor) -> bool:
+    return (isinstance(residual, torch.Tensor) and residual.shape == input.shape
+            and residual.dtype == input.dtype and residual.device == input.device)
 
-    The layers are converted in place: each keeps its parameters, buffers, hooks, training flag,
-    device and dtype (an optimizer built before still holds the same parameters), and only
-    its class changes. Only layers of exactly torch's three classes change: bn_triton's layers,
-    nn.SyncBatchNorm and user subclasses of torch's classes are left as they are."""
-    for layer in module.modules():
-        replacement = _REPLACEMENTS.get(type(layer))
-        if replacement is not None:
-            layer.__class__ = replacement
-    return module
+
+class BatchNormAct1d(_TritonBatchNormAct, nn.BatchNorm1d):
+    """act(BatchNorm1d(x) + residual), fused: timm's BatchNormAct for (N, C) and (N, C, L)."""
+
+
+class BatchNormAct2d(_TritonBatchNormAct, nn.BatchNorm2d):
+    """act(BatchNorm2d(x) + residual), fused: timm's BatchNormAct2d, bn_triton's kernels."""
+
+
+class BatchNormAct3d(_TritonBatchNormAct, nn.BatchNorm3d):
+    """act(BatchNorm3d(x) + residual), fused: timm's BatchNormAct for (N, C, D, H, W)."""

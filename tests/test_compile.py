@@ -149,10 +149,12 @@ FUSED = [
              residual=True, grad_residual=False),
     # Identity with a residual: dz = dy, only the forward reads the residual.
     scenario("fused-identity-residual-float32", RESNET, "float32", BOTH, residual=True),
-    # The slab path with a residual holds three tensors: half the slab, at its largest
-    # (N·S = 16384 forward, 8192 backward).
+    # The slab path with a residual: half the slab forward (x and the residual), the whole
+    # slab backward (x, dy and y or the residual), each at its largest.
     scenario("slab-max-fused-relu-residual-float32", (16, 16, 32, 32), "float32", BOTH,
              activation="relu", residual=True, all_configs=True),
+    scenario("slab-max-fused-silu-residual-float32", (64, 32, 16, 16), "float32", BOTH,
+             activation="silu", residual=True, all_configs=True),
     scenario("slab-fused-silu-residual-float32", SLAB, "float32", BOTH, activation="silu",
              residual=True, all_configs=True),
     scenario("slab-fused-relu-residual-bfloat16", SLAB, "bfloat16", SM90, activation="relu",

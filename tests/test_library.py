@@ -98,6 +98,47 @@ def test_opcheck_backward(shape, fmt, dtype, params, training, momentum, device,
     assert launches.backward_calls() > 0
 
 
+# The fused epilogue through the same ops: (id, shape, format, dtype, training, activation,
+# parameter, residual format or None, memory_efficient).
+FUSED_SAMPLES = [
+    ("relu-residual-f32-cl", (4, 3, 5, 5), "channels_last", torch.float32, True, "relu", 0.0,
+     "contiguous", False),
+    ("silu-residual-bf16", (4, 3, 5), "contiguous", torch.bfloat16, True, "silu", 0.0,
+     "contiguous", False),
+    ("gelu-f64-eval", (2, 3, 4, 5), "contiguous", torch.float64, False, "gelu", 0.0, None,
+     False),
+    ("leaky-saving-f32", (3, 3, 4, 4), "contiguous", torch.float32, True, "leaky_relu", 0.1,
+     None, True),
+    ("elu-saving-f16-eval", (2, 3, 2, 3, 4), "channels_last_3d", torch.float16, False, "elu",
+     1.0, None, True),
+]
+
+
+@pytest.mark.parametrize("shape,fmt,dtype,training,activation,param,residual_fmt,saving",
+                         [pytest.param(*s[1:], id=s[0]) for s in FUSED_SAMPLES])
+def test_opcheck_fused(shape, fmt, dtype, training, activation, param, residual_fmt, saving,
+                       device, launches):
+    from bn_triton.epilogue import Activation, dz_source
+
+    base = forward_args(shape, fmt, dtype, "affine+running", training, 0.1, device)
+    residual = (torch.randn(shape, device=device).to(dtype).contiguous(
+        memory_format=FORMATS[residual_fmt]) if residual_fmt else None)
+    args = base + (residual, activation, param, saving)
+    result = torch.library.opcheck(FORWARD, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+    x, weight, bias = base[:3]
+    y, mean, invstd = FORWARD(*args)
+    dz_from = dz_source(Activation(activation, param), residual is not None, saving)
+    saved = dict(input=None if saving else x, output=y if saving or dz_from == "output" else None,
+                 residual=residual if dz_from == "x_residual" else None)
+    backward = (torch.randn_like(y), saved["input"], saved["output"], saved["residual"], weight,
+                bias, mean, invstd, training, [True, True, True, residual is not None],
+                bias.dtype, residual is not None, activation, param, saving, 1e-5)
+    result = torch.library.opcheck(BACKWARD, backward)
+    assert set(result.values()) == {"SUCCESS"}, result
+    assert launches.forward_calls() > 0 and launches.backward_calls() > 0
+
+
 def _meta(outputs):
     return [(tuple(t.shape), t.dtype, t.stride() if t.numel() else None) for t in outputs]
 
