@@ -26,6 +26,10 @@ COUNTED_MODES = ("forward", "backward", "eval")
 # kernel can move. forward: read x, write y; backward: read x and dy, write dx; eval: read x,
 # write y. GB/s = MIN_BYTES[mode] · numel · element_size / time.
 MIN_BYTES: Dict[str, int] = {"forward": 2, "backward": 3, "forward+backward": 5, "eval": 2}
+# relu(BN(x) + residual), fused: the residual read forward; backward reads what act'(z)
+# needs (y) and writes d(residual) besides BN's own.
+MIN_BYTES_RESIDUAL: Dict[str, int] = {"forward": 3, "backward": 5, "forward+backward": 8,
+                                      "eval": 3}
 # What a two-pass implementation moves (torch eager, attorch, FlagGems): forward reads x for
 # the statistics and again to normalize; backward reads x and dy for the sums and again for dx.
 TWO_PASS_BYTES: Dict[str, int] = {"forward": 3, "backward": 5, "forward+backward": 8, "eval": 2}

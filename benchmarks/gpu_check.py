@@ -13,11 +13,13 @@ or ran out of time:
                   (BN_TRITON_TEST_DEVICE=cuda): its tally and the names of what failed
   3. kernels      ResNet-50's BatchNorm2d shapes, an MLP's BatchNorm1d, few channels with a huge
                   extent, a video BatchNorm3d; bf16 and fp32; training forward, backward, eval;
+                  relu(BN(x) + residual) fused against torch's three ops;
                   bn_triton against torch eager, torch.compile and FlagGems where it imports:
                   median device time (L2 flushed), GB/s, % of the copy bandwidth, speedups,
                   and the first calls' compile/autotune time apart
-  4. model        a ResNet-50 training step, converted and not, eager and compiled, then the
-                  converted step in a CUDA graph (benchmarks/model_step.py)
+  4. model        a ResNet-50 training step, converted and not, fused (BN+ReLU, BN+add+ReLU),
+                  eager and compiled, and the converted step in a CUDA graph
+                  (benchmarks/model_step.py)
   5. results      gpu_check.json, gpu_check.log and the kernel charts: at most 8 files
 
 Cases are cut, never stages, when the budget runs short. --dry-run runs every stage on the CPU
@@ -66,6 +68,10 @@ KERNEL_CASES = ["resnet50-b32-256x56x56/NCHW", "resnet50-b32-256x56x56/NHWC",
                 "video-8x64x16x56x56/NDHWC", "resnet50-b32-2048x7x7/NHWC"]
 KERNEL_DTYPES = ("bf16", "fp32")
 KERNEL_MODES = ("forward", "backward", "eval")
+# relu(BN(x) + residual), the end of every ResNet block: bn_triton's fused layer against
+# torch's three ops (and torch.compile's fusion of them), in bf16 after the bf16 cases.
+FUSED_CASES = ["resnet50-b32-256x56x56/NHWC", "resnet50-b32-1024x14x14/NCHW",
+               "resnet50-b256-2048x7x7/NCHW"]
 DRY_CASES = [("dry-4x8x6x6", (4, 8, 6, 6), "contiguous"), ("dry-4x8x6x6", (4, 8, 6, 6),
                                                             "channels_last"),
              ("dry-mlp-16x32", (16, 32), "contiguous")]
@@ -272,13 +278,14 @@ def _repository_root() -> Path:
 
 
 # --------------------------------------------------------------------------------- 3. kernels
-def kernel_cases(dry_run: bool) -> list:
+def kernel_cases(dry_run: bool, fused: bool = False) -> list:
     from . import cases
 
     if dry_run:
-        return [cases.Case(name, "dry", shape, layout) for name, shape, layout in DRY_CASES]
+        dry = [cases.Case(name, "dry", shape, layout) for name, shape, layout in DRY_CASES]
+        return dry[:1] if fused else dry
     by_label = {case.label: case for case in cases.CASES}
-    return [by_label[label] for label in KERNEL_CASES]
+    return [by_label[label] for label in (FUSED_CASES if fused else KERNEL_CASES)]
 
 
 def stage_kernels(run: Run) -> dict:
@@ -296,23 +303,29 @@ def stage_kernels(run: Run) -> dict:
         notes["flag_gems"] = f"not run: import flag_gems failed ({why})"
     measure.configure_compile()
     dtypes = ("fp32",) if dry else KERNEL_DTYPES
-    # Every case in bf16 before any in fp32: a cut takes fp32 of the last cases first.
-    jobs = [(case, dtype) for dtype in dtypes for case in kernel_cases(dry)]
+    # Every case in bf16, then the fused ones, then fp32: a cut takes fp32 of the last cases
+    # first.
+    cases = kernel_cases(dry)
+    jobs = [(case, dtypes[0], False) for case in cases]
+    jobs += [(case, dtypes[0], True) for case in kernel_cases(dry, fused=True)]
+    jobs += [(case, dtype, False) for dtype in dtypes[1:] for case in cases]
     bandwidth = run.results["environment"].get("copy_bandwidth_gbs")
     rows: List[dict] = []
     done = 0
-    for case, dtype in progress(jobs, "kernels"):
+    for case, dtype, fused in progress(jobs, "kernels"):
         if run.left() <= 0:
             break
-        run.log(f"{case.label} {dtype}")
-        case_rows = measure.time_case(case, dtype, providers, KERNEL_MODES, timer=timer(device),
-                                      device=device)
+        run.log(f"{case.label} {dtype}{' relu(BN(x) + residual)' if fused else ''}")
+        case_rows = measure.time_case(case, dtype, providers,
+                                      ("forward", "backward") if fused else KERNEL_MODES,
+                                      timer=timer(device), device=device, residual_relu=fused)
         measure.add_relative(case_rows, bandwidth)
         rows += case_rows
         done += 1
         if device == "cuda":
             torch.cuda.empty_cache()
-    cut = [f"{case.label} {dtype}" for case, dtype in jobs[done:]]
+    cut = [f"{case.label} {dtype}{' fused' if fused else ''}" for case, dtype, fused in
+           jobs[done:]]
     if cut:
         run.log(f"the budget cut {len(cut)} of {len(jobs)} (case, dtype) pairs")
     setup = sum(r.get("setup_s", 0.0) for r in rows if r.get("provider") == "bn_triton")

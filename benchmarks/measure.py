@@ -27,8 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .cases import (DTYPES, MIN_BYTES, TWO_PASS_BYTES, Case, interpreter_shape, make_tensor,
-                    regime, values_per_channel)
+from .cases import (DTYPES, MIN_BYTES, MIN_BYTES_RESIDUAL, TWO_PASS_BYTES, Case,
+                    interpreter_shape, make_tensor, regime, values_per_channel)
 
 PROVIDERS = ("bn_triton", "torch", "torch.compile", "flag_gems")
 BASELINES = ("torch", "torch.compile", "flag_gems")
@@ -190,12 +190,40 @@ def configure_compile() -> None:
         pass
 
 
-def build_module(module_name: str, num_features: int, provider: str, device: str) -> nn.Module:
-    """provider's BatchNorm1d/2d/3d (module_name) with float32 parameters and buffers."""
-    module = _module_class(module_name, provider)(num_features, device=device)
+def build_module(module_name: str, num_features: int, provider: str, device: str,
+                 residual: Optional[torch.Tensor] = None) -> nn.Module:
+    """provider's BatchNorm1d/2d/3d (module_name) with float32 parameters and buffers; with a
+    residual, relu(BN(x) + residual): bn_triton's fused BatchNormAct, the others unfused."""
+    if residual is None:
+        module = _module_class(module_name, provider)(num_features, device=device)
+    else:
+        module = ResidualBlock(module_name, num_features, provider, residual)
     if provider == "torch.compile":
         return torch.compile(module, dynamic=False)
     return module
+
+
+class ResidualBlock(nn.Module):
+    """relu(BN(x) + residual) for a fixed residual: the end of a ResNet block, fused into one
+    layer by bn_triton (BatchNormAct), three ops for torch."""
+
+    def __init__(self, module_name: str, num_features: int, provider: str,
+                 residual: torch.Tensor):
+        super().__init__()
+        self.fused = provider == "bn_triton"
+        if self.fused:
+            import bn_triton
+
+            self.bn = getattr(bn_triton, module_name.replace("Norm", "NormAct"))(
+                num_features, device=residual.device)
+        else:
+            self.bn = getattr(nn, module_name)(num_features, device=residual.device)
+        self.register_buffer("residual", residual)
+
+    def forward(self, x):
+        if self.fused:
+            return self.bn(x, self.residual)
+        return torch.relu(self.bn(x) + self.residual)
 
 
 def make_inputs(shape: Sequence[int], layout: str, dtype_name: str, device: str
@@ -233,16 +261,19 @@ def make_step(mode: str, module: nn.Module, x: torch.Tensor, dy: torch.Tensor
 
 def time_case(case: Case, dtype_name: str, providers: Sequence[str], modes: Sequence[str],
               warmup_ms: int = 10, rep_ms: int = 50, timer: Optional[Callable] = None,
-              device: str = "cuda") -> List[dict]:
+              device: str = "cuda", residual_relu: bool = False) -> List[dict]:
     """One row per (provider, mode): median time (ms) and 20/80% quantiles from do_bench, GB/s
-    under MIN_BYTES, and setup_s: the wall time of the two untimed first calls (compilation,
-    autotuning, allocation), reported apart. A provider that fails gets a row with its error
-    instead."""
+    under MIN_BYTES (MIN_BYTES_RESIDUAL for relu(BN(x) + residual)), and setup_s: the wall
+    time of the two untimed first calls (compilation, autotuning, allocation), reported apart.
+    A provider that fails gets a row with its error instead."""
     from triton.testing import do_bench
 
     timer = timer or (lambda fn, grad_to_none: do_bench(
         fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]))
     x, dy = make_inputs(case.shape, case.layout, dtype_name, device)
+    residual = make_inputs(case.shape, case.layout, dtype_name, device)[1] if residual_relu \
+        else None
+    minimum = MIN_BYTES_RESIDUAL if residual_relu else MIN_BYTES
     numel, size = x.numel(), x.element_size()
     rows = []
     for provider in providers:
@@ -257,7 +288,7 @@ def time_case(case: Case, dtype_name: str, providers: Sequence[str], modes: Sequ
                 if bn_triton.backend(x) == "torch":  # timing torch's fallback would prove nothing
                     raise RuntimeError("bn_triton would fall back to torch for this tensor")
             with provider_context(provider):
-                module = build_module(case.module_name, case.C, provider, device)
+                module = build_module(case.module_name, case.C, provider, device, residual)
                 for mode in modes:
                     start = time.perf_counter()
                     fn, grad_to_none = make_step(mode, module, x, dy)
@@ -269,14 +300,16 @@ def time_case(case: Case, dtype_name: str, providers: Sequence[str], modes: Sequ
                     _synchronize(device)
                     setup_s = time.perf_counter() - start
                     ms, ms_lo, ms_hi = timer(fn, grad_to_none)
-                    gbs = MIN_BYTES[mode] * numel * size / (ms * 1e-3) / 1e9
+                    gbs = minimum[mode] * numel * size / (ms * 1e-3) / 1e9
                     rows.append(dict(case=case.label, name=case.name, layout=case.layout_name,
                                      dtype=dtype_name, shape=list(case.shape), M=case.M,
                                      regime=case.regime, provider=provider, mode=mode,
+                                     variant="bn+add+relu" if residual_relu else "bn",
                                      ms=ms, ms_q20=ms_lo, ms_q80=ms_hi, gbs=gbs,
                                      setup_s=round(setup_s, 3)))
         except Exception as error:  # noqa: BLE001 - one provider's failure is a result
             rows.append(dict(case=case.label, dtype=dtype_name, provider=provider,
+                             variant="bn+add+relu" if residual_relu else "bn",
                              error=f"{type(error).__name__}: {error}"[:500]))
         x.grad = None
     return rows
@@ -289,9 +322,9 @@ def _synchronize(device: str) -> None:
 
 def add_relative(rows: List[dict], peak_gbs: Optional[float]) -> None:
     """Give each bn_triton row its % of peak bandwidth and its speedup over each baseline
-    timed on the same (case, dtype, mode): t_baseline / t_bn_triton."""
-    times = {(r["case"], r["dtype"], r["mode"], r["provider"]): r["ms"] for r in rows
-             if "ms" in r}
+    timed on the same (case, dtype, mode, variant): t_baseline / t_bn_triton."""
+    times = {(r["case"], r["dtype"], r["mode"], r.get("variant"), r["provider"]): r["ms"]
+             for r in rows if "ms" in r}
     for row in rows:
         if "ms" not in row:
             continue
@@ -300,6 +333,6 @@ def add_relative(rows: List[dict], peak_gbs: Optional[float]) -> None:
             continue
         row["speedup"] = {}
         for baseline in BASELINES:
-            t = times.get((row["case"], row["dtype"], row["mode"], baseline))
+            t = times.get((row["case"], row["dtype"], row["mode"], row.get("variant"), baseline))
             if t is not None:
                 row["speedup"][baseline] = t / row["ms"]

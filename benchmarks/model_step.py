@@ -2,12 +2,13 @@
 
 A torchvision ResNet-50 on a GPU (bf16 autocast, channels_last); where torchvision is missing
 (the CPU dry run: no torchvision build matches this project's CPU torch) a small ResNet of the
-same blocks. Four variants of one set of initial weights train on the same batches:
+same blocks. Five variants of one set of initial weights train on the same batches:
 
-    torch            the model as torchvision builds it, eager
-    bn_triton        the same model after bn_triton.convert_batchnorm, eager
-    torch.compile    torch.compile(torch's model)
+    torch              the model as torchvision builds it, eager
+    bn_triton          the same model after bn_triton.convert_batchnorm, eager
+    bn_triton.fused    converted, then fuse_batchnorm_activations (BN+ReLU, BN+add+ReLU)
     bn_triton.compile  torch.compile(converted model, fullgraph=True)
+    torch.compile      torch.compile(torch's model)
 
 Each reports images per second, peak memory, and after STEPS steps the largest difference of
 its outputs and gradients from torch eager's, relative to their largest magnitude. Then the
@@ -29,18 +30,18 @@ from bn_triton import launch
 
 STEPS = 3  # steps compared against torch eager
 # In the order they run, so that a short budget cuts the baseline's compilation first.
-VARIANTS = ("torch", "bn_triton", "bn_triton.compile", "torch.compile")
+VARIANTS = ("torch", "bn_triton", "bn_triton.fused", "bn_triton.compile", "torch.compile")
 # Seconds a variant needs at least to be worth starting (compiling a ResNet-50's training
 # graphs takes about a minute on a GPU machine's CPU); a CUDA graph needs a few steps.
-NEEDS_S = {"torch": 10, "bn_triton": 10, "bn_triton.compile": 60, "torch.compile": 60,
-           "cuda_graph": 15}
+NEEDS_S = {"torch": 10, "bn_triton": 10, "bn_triton.fused": 10, "bn_triton.compile": 60,
+           "torch.compile": 60, "cuda_graph": 15}
 
 
 class Bottleneck(nn.Module):
-    """ResNet's bottleneck block: 1x1, 3x3, 1x1 convolutions, each followed by a batch norm,
-    relu(bn3(...) + identity) at the end."""
+    """ResNet's bottleneck block: 1x1, 3x3, 1x1 convolutions, each followed by a batch norm and
+    the activation (ReLU by default), act(bn3(...) + identity) at the end."""
 
-    def __init__(self, channels: int, width: int):
+    def __init__(self, channels: int, width: int, activation: Optional[nn.Module] = None):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -48,11 +49,12 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(channels)
+        self.act = activation if activation is not None else nn.ReLU(inplace=True)
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        return F.relu(self.bn3(self.conv3(out)) + x)
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.act(self.bn2(self.conv2(out)))
+        return self.act(self.bn3(self.conv3(out)) + x)
 
 
 def small_resnet(num_classes: int = 10) -> nn.Module:
@@ -83,6 +85,8 @@ class Trainer:
         self.model = model
         if variant.startswith("bn_triton"):
             bn_triton.convert_batchnorm(self.model)
+        if variant == "bn_triton.fused":
+            self.model = bn_triton.fuse_batchnorm_activations(self.model)
         self.forward: Callable = self.model
         if variant == "torch.compile":
             self.forward = torch.compile(self.model)
@@ -103,8 +107,9 @@ class Trainer:
         self.optimizer.step()
         return logits
 
-    def grads(self) -> List[torch.Tensor]:
-        return [p.grad.detach().clone() for p in self.model.parameters()]
+    def grads(self) -> Dict[str, torch.Tensor]:
+        """Gradients by parameter name (a fused model may order its parameters otherwise)."""
+        return {name: p.grad.detach().clone() for name, p in self.model.named_parameters()}
 
 
 def relative_difference(got: List[torch.Tensor], want: List[torch.Tensor]) -> float:
@@ -141,6 +146,9 @@ def run_variant(variant: str, initial: nn.Module, data: list, timed_steps: int, 
     first_steps_s = time.perf_counter() - start
     result = {"logits": logits.detach().float(), "grads": trainer.grads(),
               "first_steps_s": round(first_steps_s, 2)}
+    if variant == "bn_triton.fused":
+        result["fused_layers"] = sum(isinstance(m, bn_triton.modules._TritonBatchNormAct)
+                                     for m in trainer.model.modules())
     start = time.perf_counter()
     for index in range(timed_steps):
         trainer.step(*data[STEPS + index % (len(data) - STEPS)])
@@ -236,7 +244,9 @@ def run(dry_run: bool, device: str, variants=VARIANTS, timed_steps: int = 5,
         elif reference is not None:
             outcome["outputs_max_relative_difference"] = relative_difference([logits],
                                                                             [reference[0]])
-            outcome["grads_max_relative_difference"] = relative_difference(grads, reference[1])
+            names = sorted(reference[1])
+            outcome["grads_max_relative_difference"] = relative_difference(
+                [grads[name] for name in names], [reference[1][name] for name in names])
         result["variants"][variant] = outcome
     if "cuda_graph" not in result:
         result["cuda_graph"] = graph_stage(model, data, device, autocast_dtype, out_of_time,

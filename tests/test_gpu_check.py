@@ -36,7 +36,7 @@ def test_dry_run_runs_every_stage(tmp_path):
     kernels = result["kernels"]
     assert kernels["cut"] == []
     for provider in ("bn_triton", "torch", "torch.compile"):
-        rows = [r for r in kernels["rows"] if r["provider"] == provider]
+        rows = [r for r in kernels["rows"] if r["provider"] == provider and r["variant"] == "bn"]
         assert len(rows) == len(gpu_check.DRY_CASES) * len(gpu_check.KERNEL_MODES), provider
         assert all("ms" in r and r["gbs"] > 0 and r["setup_s"] >= 0 for r in rows), rows
     assert all(set(r["speedup"]) == {"torch", "torch.compile"}
@@ -49,6 +49,11 @@ def test_dry_run_runs_every_stage(tmp_path):
             assert variant["outputs_max_relative_difference"] < 1e-4, (name, variant)
             assert variant["grads_max_relative_difference"] < 1e-4, (name, variant)
     assert result["model"]["cuda_graph"] == {"skipped": "needs CUDA"}
+    # The small ResNet's stem BN and the 3 of each of its 2 bottlenecks feed a ReLU.
+    assert variants["bn_triton.fused"]["fused_layers"] == 7
+    fused_rows = [r for r in kernels["rows"] if r["variant"] == "bn+add+relu"]
+    assert {r["provider"] for r in fused_rows} == {"bn_triton", "torch", "torch.compile"}
+    assert all("ms" in r for r in fused_rows), fused_rows
     files = sorted(p.name for p in tmp_path.iterdir())
     assert all((tmp_path / name).is_file() for name in files) and len(files) <= 8
     assert sorted(result["results"]["files"]) == files
