@@ -14,6 +14,7 @@ Each reports images per second, peak memory, and after STEPS steps the largest d
 its outputs and gradients from torch eager's, relative to their largest magnitude. Then the
 converted step (forward, backward, SGD step) is captured in a CUDA graph and replayed: the
 capture fails on any host synchronisation, and the replayed steps must give the eager ones.
+Last, bn_triton's SyncBatchNorm runs its collective path on one rank (sync_check).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ VARIANTS = ("torch", "bn_triton", "bn_triton.fused", "bn_triton.compile", "torch
 # Seconds a variant needs at least to be worth starting (compiling a ResNet-50's training
 # graphs takes about a minute on a GPU machine's CPU); a CUDA graph needs a few steps.
 NEEDS_S = {"torch": 10, "bn_triton": 10, "bn_triton.fused": 10, "bn_triton.compile": 60,
-           "torch.compile": 60, "cuda_graph": 15}
+           "torch.compile": 60, "cuda_graph": 15, "sync": 10}
 
 
 class Bottleneck(nn.Module):
@@ -206,6 +207,48 @@ def graph_stage(model, data, device, autocast_dtype, out_of_time, log) -> dict:
         return {"captured": False, "error": f"{type(error).__name__}: {error}"[:500]}
 
 
+def sync_check(device: str, steps: int = 2) -> dict:
+    """bn_triton's SyncBatchNorm on one rank (NCCL on CUDA, gloo on the CPU) with
+    BN_TRITON_SYNC_ALWAYS=1, so that the synced kernels and their collectives run: the small
+    ResNet trained `steps` steps synced and plain must agree; the profiler counts the
+    collectives of one step."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return {"skipped": "a process group is already initialized"}
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    os.environ["BN_TRITON_SYNC_ALWAYS"] = "1"
+    try:
+        torch.manual_seed(0)
+        initial = small_resnet().to(device).to(memory_format=torch.channels_last)
+        data = batches((8, 3, 16, 16), 10, steps, device)
+        synced = Trainer(copy.deepcopy(initial), "bn_triton", device, None)
+        bn_triton.convert_batchnorm(synced.model, sync=True)
+        plain = Trainer(copy.deepcopy(initial), "bn_triton", device, None)
+        for images, labels in data[:-1]:
+            synced.step(images, labels), plain.step(images, labels)
+        with torch.profiler.profile() as profiler:
+            logits = synced.step(*data[-1])
+        reference = plain.step(*data[-1])
+        names = [event.name.lower() for event in profiler.events()]
+        collectives = sum(any(word in name for word in ("allgather", "all_gather", "allreduce",
+                                                         "all_reduce")) for name in names)
+        grads, want = synced.grads(), plain.grads()
+        return {"backend": backend, "world_size": 1, "steps": steps,
+                "sync_layers": sum(isinstance(m, bn_triton.SyncBatchNorm)
+                                   for m in synced.model.modules()),
+                "collective_events_in_a_step": collectives,
+                "outputs_max_relative_difference": relative_difference([logits], [reference]),
+                "grads_max_relative_difference": relative_difference(
+                    [grads[n] for n in sorted(want)], [want[n] for n in sorted(want)])}
+    finally:
+        os.environ.pop("BN_TRITON_SYNC_ALWAYS", None)
+        dist.destroy_process_group()
+
+
 def run(dry_run: bool, device: str, variants=VARIANTS, timed_steps: int = 5,
         deadline: Optional[float] = None, log: Callable[[str], None] = print) -> dict:
     """The model stage, each part started only while enough time is left before `deadline`
@@ -251,4 +294,12 @@ def run(dry_run: bool, device: str, variants=VARIANTS, timed_steps: int = 5,
     if "cuda_graph" not in result:
         result["cuda_graph"] = graph_stage(model, data, device, autocast_dtype, out_of_time,
                                            log)
+    if out_of_time("sync"):
+        result["sync"] = {"skipped": "not enough of the stage's time left"}
+    else:
+        log("model: SyncBatchNorm through the collective path on one rank")
+        try:
+            result["sync"] = sync_check(device)
+        except Exception as error:  # noqa: BLE001 - a failure is a result
+            result["sync"] = {"error": f"{type(error).__name__}: {error}"[:500]}
     return result

@@ -7,8 +7,10 @@ from .convert import convert_batchnorm, fuse_batchnorm_activations
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
                       BatchNormAct3d)
 from .switch import disable, enable, enabled, is_enabled
+from .sync import SyncBatchNorm, SyncBatchNormAct
 
 __all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d",
-           "BatchNormAct2d", "BatchNormAct3d", "convert_batchnorm", "fuse_batchnorm_activations",
+           "BatchNormAct2d", "BatchNormAct3d", "SyncBatchNorm", "SyncBatchNormAct",
+           "convert_batchnorm", "fuse_batchnorm_activations",
            "enable", "disable", "enabled", "is_enabled", "backend", "reference"]
 __version__ = "0.1.0"

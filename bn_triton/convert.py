@@ -16,24 +16,38 @@ from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, Bat
 
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
                  nn.BatchNorm3d: BatchNorm3d}
+_FUSED_CLASSES = (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)
+# What convert_batchnorm(sync=True) turns into bn_triton's sync layers (exactly these classes).
+_TO_SYNC = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNorm1d,
+            BatchNorm2d, BatchNorm3d, *_FUSED_CLASSES)
 # The batch norms fusion may replace: exactly these classes (a subclass may compute anything).
 _FUSED = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d,
           nn.BatchNorm3d: BatchNormAct3d, BatchNorm1d: BatchNormAct1d,
           BatchNorm2d: BatchNormAct2d, BatchNorm3d: BatchNormAct3d}
 
 
-def convert_batchnorm(module: nn.Module) -> nn.Module:
+def convert_batchnorm(module: nn.Module, sync: bool = False,
+                      process_group: Optional[object] = None) -> nn.Module:
     """Make every torch.nn.BatchNorm1d/2d/3d in `module` (itself and nested) bn_triton's, and
     return `module`.
 
     The layers are converted in place: each keeps its parameters, buffers, hooks, training flag,
     device and dtype (an optimizer built before still holds the same parameters), and only
     its class changes. Only layers of exactly torch's three classes change: bn_triton's layers,
-    nn.SyncBatchNorm and user subclasses of torch's classes are left as they are."""
+    nn.SyncBatchNorm and user subclasses of torch's classes are left as they are.
+
+    sync=True: every nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm and bn_triton batch norm becomes
+    bn_triton.SyncBatchNorm, and every BatchNormAct a SyncBatchNormAct (a fused layer stays
+    fused), synchronizing over process_group (None: the whole world), the same way."""
+    from .sync import SyncBatchNorm, SyncBatchNormAct
+
     for layer in module.modules():
-        replacement = _REPLACEMENTS.get(type(layer))
-        if replacement is not None:
-            layer.__class__ = replacement
+        if sync and type(layer) in _TO_SYNC:
+            layer.__class__ = SyncBatchNormAct if type(layer) in _FUSED_CLASSES \
+                else SyncBatchNorm
+            layer.process_group = process_group
+        elif not sync and type(layer) in _REPLACEMENTS:
+            layer.__class__ = _REPLACEMENTS[type(layer)]
     return module
 
 

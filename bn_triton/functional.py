@@ -86,16 +86,18 @@ def composed_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor
 
 def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                           running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                          bias: Optional[torch.Tensor], training: bool, eps: float) -> None:
+                          bias: Optional[torch.Tensor], training: bool, eps: float,
+                          synced: bool = False) -> None:
     """Raise what torch.nn.functional.batch_norm raises for these arguments, or nothing.
 
     In torch's order: F.batch_norm's own checks (values per channel, eps), then, for non-empty
     input only (torch returns an empty input's output before checking anything else), those
-    of its kernels."""
+    of its kernels. synced (SyncBatchNorm across ranks): one value per channel is allowed
+    locally, as torch's SyncBatchNorm allows it."""
     if training:
         size = input.size()
         values_per_channel = size[0] * (torch.Size(size[2:]).numel() if input.dim() > 2 else 1)
-        if values_per_channel == 1:
+        if values_per_channel == 1 and not synced:
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got input size {size}")
         if not eps > 0:
@@ -146,11 +148,13 @@ def apply_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                      eps: float, num_batches_tracked: Optional[torch.Tensor] = None, *,
                      residual: Optional[torch.Tensor] = None,
                      activation: Optional[Activation] = None,
-                     memory_efficient: bool = False) -> torch.Tensor:
+                     memory_efficient: bool = False,
+                     group_name: Optional[str] = None) -> torch.Tensor:
     """Batch norm (and its epilogue) of checked arguments through bn_triton's ops. With
     num_batches_tracked given, the running-average factor is 1/num_batches_tracked, read on
-    the device (the modules' momentum=None)."""
-    if input.numel() == 0:
+    the device (the modules' momentum=None). With group_name (SyncBatchNorm, training), the
+    statistics span the ranks of that process group, an empty input included."""
+    if input.numel() == 0 and group_name is None:
         # torch returns an empty input's output (a clone, scaled by γ and shifted by β) before
         # any kernel runs, and leaves the running statistics alone: take exactly that route.
         return composed_batch_norm(input, running_mean, running_var, weight, bias, training,
@@ -160,4 +164,4 @@ def apply_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
     # becomes contiguous here, once, so that forward and backward read the same copy.
     return library.batch_norm(kernel_ready(input), weight, bias, running_mean, running_var,
                               num_batches_tracked, training, momentum, eps, residual,
-                              activation, memory_efficient)
+                              activation, memory_efficient, group_name)

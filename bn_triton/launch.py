@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -73,18 +73,19 @@ def batch_statistics(x: torch.Tensor, plan: Plan, strides: Dict[str, Strides],
                      mean: torch.Tensor, invstd: torch.Tensor,
                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                      num_batches_tracked: Optional[torch.Tensor], momentum: float,
-                     eps: float) -> torch.Tensor:
-    """Launch batch_stats_kernel: writes mean, invstd (and the running statistics, if given);
-    returns centre = mean - x[0, c, 0] for normalize_kernel."""
+                     eps: float, var: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Launch batch_stats_kernel: writes mean, invstd (the biased var too, if given, and the
+    running statistics, if given); returns centre = mean - x[0, c, 0] for normalize_kernel."""
     part_mean = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=x.device)
     part_m2 = torch.empty_like(part_mean)
     centre = torch.empty_like(mean)
     launch("batch_stats_kernel", plan.grid, NUM_WARPS, x_ptr=x, part_mean_ptr=part_mean,
         part_m2_ptr=part_m2, tickets_ptr=tickets(x.device, plan.grid[0]), mean_ptr=mean,
-        invstd_ptr=invstd, centre_ptr=centre,
+        invstd_ptr=invstd, centre_ptr=centre, var_ptr=var,
         **_running_args(running_mean, running_var, num_batches_tracked, momentum),
         **plan.split_args(), M=plan.M, **_float64_pair("eps", eps), **_strides(strides, "x"),
-        BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2, INT64=plan.INT64)
+        BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2,
+        WRITE_VAR=var is not None, INT64=plan.INT64)
     return centre
 
 
@@ -128,11 +129,12 @@ def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strid
             weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], mean: torch.Tensor,
             invstd: torch.Tensor, grad_weight: Optional[torch.Tensor],
             grad_bias: Optional[torch.Tensor], grad_residual: Optional[torch.Tensor],
-            eps: float, activation: Activation, dz_from: str, xhat_from_output: bool
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
+            eps: float, activation: Activation, dz_from: str, xhat_from_output: bool,
+            inv_count: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch dy_sums_kernel: writes grad_weight / grad_bias / grad_residual (those given);
-    returns the dx coefficients mean_dy, mean_dy_xhat (C,). `saved` holds dy and what the
-    forward kept: x, y (the output) and r (the residual), by name."""
+    returns the dx coefficients mean_dy, mean_dy_xhat (C,): the sums times inv_count (1/M
+    when None; 1.0 gives the raw sums). `saved` holds dy and what the forward kept: x, y (the
+    output) and r (the residual), by name."""
     part_sum_dy = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=mean.device)
     part_sum_dy_xmu = torch.empty_like(part_sum_dy)
     mean_dy, mean_dy_xhat = torch.empty_like(mean), torch.empty_like(mean)
@@ -142,7 +144,8 @@ def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strid
         part_sum_dy_ptr=part_sum_dy, part_sum_dy_xmu_ptr=part_sum_dy_xmu,
         tickets_ptr=tickets(mean.device, plan.grid[0]), mean_dy_ptr=mean_dy,
         mean_dy_xhat_ptr=mean_dy_xhat, grad_weight_ptr=grad_weight, grad_bias_ptr=grad_bias,
-        **plan.split_args(), **_float64_pair("inv_count", 1.0 / plan.M),
+        **plan.split_args(),
+        **_float64_pair("inv_count", 1.0 / plan.M if inv_count is None else inv_count),
         **_float64_pair("eps", eps),
         **_strides(strides, "x", "y", "r", "dy", "dr"), BLOCK_C=plan.BLOCK_C,
         BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2, HAS_WEIGHT=weight is not None,
@@ -255,13 +258,33 @@ def batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
     return y, mean, invstd
 
 
+def local_statistics(input: torch.Tensor) -> torch.Tensor:
+    """A (3, C) float64 tensor of this rank's (count, mean, biased var) per channel, for
+    SyncBatchNorm to gather and combine: batch_stats_kernel alone (one launch; its
+    statistics must cross ranks before anything is normalized). Empty input: zeros."""
+    x = kernel_ready(input)
+    C = x.shape[1]
+    statistics = torch.zeros(3, C, dtype=torch.float64, device=x.device)
+    if x.numel() == 0:
+        return statistics
+    mean = torch.empty(C, dtype=accumulation_dtype(x.dtype), device=x.device)
+    invstd, var = torch.empty_like(mean), torch.empty_like(mean)
+    plan, strides = _plan(x.shape, {"x": x}, x.device, x.element_size(), None)
+    batch_statistics(x, plan, strides, mean, invstd, None, None, None, 0.0, 1.0, var)
+    statistics[0] = plan.M
+    statistics[1], statistics[2] = mean, var
+    return statistics
+
+
 def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor],
                         output: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                         weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                         mean: torch.Tensor, invstd: torch.Tensor, training: bool,
                         output_mask: Sequence[bool], bias_dtype: Optional[torch.dtype],
                         has_residual: bool = False, activation: Activation = IDENTITY,
-                        memory_efficient: bool = False, eps: float = 0.0
+                        memory_efficient: bool = False, eps: float = 0.0,
+                        reduce: Optional[Callable[[torch.Tensor, torch.Tensor],
+                                                  Tuple[torch.Tensor, torch.Tensor]]] = None
                         ) -> Tuple[Optional[torch.Tensor], ...]:
     """(dx, dγ, dβ, d(residual)) of checked arguments (bn_triton::batch_norm_backward), each
     only where output_mask asks, else None; dγ and dβ in the dtypes of weight and bias_dtype.
@@ -272,7 +295,12 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
     dx takes output_format of the input; grad_output may have any layout.
 
     One slab launch when whole channels fit in registers; otherwise the sums (when dx uses
-    batch statistics, dγ/dβ are asked for, or dz must be written) and a streaming dx."""
+    batch statistics, dγ/dβ are asked for, or dz must be written) and a streaming dx.
+
+    reduce (SyncBatchNorm): given, dx's batch statistics span other ranks. The sums pass
+    always runs on its own: reduce takes this rank's raw (Σdz, Σdz·x̂) and returns the
+    coefficients (mean_dy, mean_dy_xhat) over every rank; dγ and dβ stay this rank's. An
+    empty input still calls it (the other ranks wait on its collective)."""
     want_dx, want_dw, want_db, want_dr = output_mask
     dz_from = dz_source(activation, has_residual, memory_efficient)
     reference = output if memory_efficient else input
@@ -299,6 +327,8 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
         for grad in (grad_weight, grad_bias):
             if grad is not None:
                 grad.zero_()
+        if reduce is not None and want_dx and training:
+            reduce(mean.new_zeros(channels), mean.new_zeros(channels))
         return dx, grad_weight, grad_bias, grad_residual
     tensors = dict(saved)
     if dx is not None:
@@ -312,8 +342,9 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
     max_tile = (planning.MAX_TILE_FLOAT64_ACTIVATION
                 if reference.element_size() > 4 and activation.name != "identity"
                 else planning.MAX_TILE)
+    synced = reduce is not None and want_dx and training
     plan, strides = _plan(reference.shape, tensors, device, reference.element_size(),
-                          budget if need_sums else None, max_tile)
+                          budget if need_sums and not synced else None, max_tile)
     flags = dict(eps=eps, activation=activation, dz_from=dz_from,
                  xhat_from_output=memory_efficient)
     if plan.slab:
@@ -330,7 +361,9 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
             plan, strides = _plan(reference.shape, tensors, device, reference.element_size(),
                                   None, max_tile)
         coefficients = dy_sums(saved, plan, strides, weight, bias, mean, invstd, grad_weight,
-                               grad_bias, dz, **flags)
+                               grad_bias, dz, **flags, inv_count=1.0 if synced else None)
+        if synced:  # raw sums in, coefficients over every rank out
+            coefficients = reduce(*coefficients)
         if writes_dz and want_dx:
             saved = {"x": saved["x"], "dy": dz}
             strides = dict(strides, dy=strides["dr"])

@@ -34,7 +34,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import launch
+from . import collectives, launch
 from .dispatch import TORCH, backend
 from .epilogue import Activation, dz_source
 from .plan import accumulation_dtype, empty_output
@@ -110,9 +110,9 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
 
 
 @batch_norm_backward.register_fake
-def _(grad_output, input, output, residual, weight, bias, mean, invstd, training, output_mask,
-      bias_dtype, has_residual=False, activation="identity", activation_param=0.0,
-      memory_efficient=False, eps=0.0):
+def _backward_fake(grad_output, input, output, residual, weight, bias, mean, invstd, training,
+                   output_mask, bias_dtype, has_residual=False, activation="identity",
+                   activation_param=0.0, memory_efficient=False, eps=0.0):
     want_dx, want_dw, want_db, want_dr = output_mask
     reference = output if memory_efficient else input
     channels = (reference.shape[1],)
@@ -124,12 +124,71 @@ def _(grad_output, input, output, residual, weight, bias, mean, invstd, training
             empty_output(reference) if want_dr and writes_dz else reference.new_empty((0,)))
 
 
+@torch.library.custom_op("bn_triton::sync_batch_norm_forward",
+                         mutates_args=("running_mean", "running_var"))
+def sync_batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
+                            bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                            running_var: Optional[torch.Tensor],
+                            num_batches_tracked: Optional[torch.Tensor], momentum: float,
+                            eps: float, group_name: str, residual: Optional[torch.Tensor] = None,
+                            activation: str = "identity", activation_param: float = 0.0,
+                            memory_efficient: bool = False
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """batch_norm_forward in training whose statistics span the ranks of the process group
+    named group_name (collectives.forward: one all_gather): output, mean, invstd over every
+    rank, and their total count (a 0-d float64 tensor) for backward."""
+    _require_kernels("sync_batch_norm_forward", input)
+    return collectives.forward(input, weight, bias, running_mean, running_var,
+                               num_batches_tracked, momentum, eps, group_name, residual,
+                               Activation(activation, activation_param), memory_efficient)
+
+
+@sync_batch_norm_forward.register_fake
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+      group_name, residual=None, activation="identity", activation_param=0.0,
+      memory_efficient=False):
+    mean = input.new_empty((input.shape[1],), dtype=accumulation_dtype(input.dtype))
+    return (empty_output(input), mean, torch.empty_like(mean),
+            input.new_empty((), dtype=torch.float64))
+
+
+@torch.library.custom_op("bn_triton::sync_batch_norm_backward", mutates_args=())
+def sync_batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor],
+                             output: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                             weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                             mean: torch.Tensor, invstd: torch.Tensor, count: torch.Tensor,
+                             output_mask: List[bool], bias_dtype: Optional[torch.dtype],
+                             group_name: str, has_residual: bool = False,
+                             activation: str = "identity", activation_param: float = 0.0,
+                             memory_efficient: bool = False, eps: float = 0.0
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """batch_norm_backward of sync_batch_norm_forward (collectives.backward: one all_reduce
+    when grad_input is asked for); grad_weight, grad_bias, grad_residual are this rank's."""
+    reference = output if memory_efficient else input
+    _require_kernels("sync_batch_norm_backward", reference)
+    grads = collectives.backward(grad_output, input, output, residual, weight, bias, mean,
+                                 invstd, count, output_mask, bias_dtype, group_name,
+                                 has_residual, Activation(activation, activation_param),
+                                 memory_efficient, eps)
+    return tuple(grad if grad is not None else reference.new_empty((0,)) for grad in grads)
+
+
+@sync_batch_norm_backward.register_fake
+def _(grad_output, input, output, residual, weight, bias, mean, invstd, count, output_mask,
+      bias_dtype, group_name, has_residual=False, activation="identity", activation_param=0.0,
+      memory_efficient=False, eps=0.0):
+    return _backward_fake(grad_output, input, output, residual, weight, bias, mean, invstd,
+                          True, output_mask, bias_dtype, has_residual, activation,
+                          activation_param, memory_efficient, eps)
+
+
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(DOUBLE_BACKWARD)
 
 
-torch.library.register_autograd("bn_triton::batch_norm_backward", _no_double_backward,
-                                setup_context=lambda ctx, inputs, output: None)
+for _op in ("batch_norm_backward", "sync_batch_norm_backward"):
+    torch.library.register_autograd(f"bn_triton::{_op}", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -143,7 +202,12 @@ class BatchNormFunction(torch.autograd.Function):
                 bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
                 training: bool, momentum: float, eps: float, residual: Optional[torch.Tensor],
-                activation: str, activation_param: float, memory_efficient: bool):
+                activation: str, activation_param: float, memory_efficient: bool,
+                group_name: Optional[str]):
+        if group_name is not None:  # SyncBatchNorm: also the total count across the ranks
+            return torch.ops.bn_triton.sync_batch_norm_forward(
+                input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                eps, group_name, residual, activation, activation_param, memory_efficient)
         return torch.ops.bn_triton.batch_norm_forward(
             input, weight, bias, running_mean, running_var, num_batches_tracked, training,
             momentum, eps, residual, activation, activation_param, memory_efficient)
@@ -151,9 +215,11 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         (input, weight, bias, _, _, _, training, _, eps, residual, activation, activation_param,
-         memory_efficient) = inputs
-        output, mean, invstd = output
-        ctx.mark_non_differentiable(mean, invstd)
+         memory_efficient, group_name) = inputs
+        output, mean, invstd, *count = output
+        ctx.mark_non_differentiable(mean, invstd, *count)
+        ctx.group_name = group_name
+        ctx.count = count[0] if count else None
         activation = Activation(activation, activation_param)
         dz_from = dz_source(activation, residual is not None, memory_efficient)
         keep_output = memory_efficient or dz_from == "output"
@@ -161,43 +227,50 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.save_for_backward(None if memory_efficient else input,
                               output if keep_output else None,
                               residual if dz_from == "x_residual" else None, weight,
-                              bias if keep_bias else None, mean, invstd)
+                              bias if keep_bias else None, mean, invstd, ctx.count)
         ctx.training, ctx.eps = training, eps
         ctx.activation, ctx.activation_param = activation.name, activation.param
         ctx.memory_efficient, ctx.has_residual = memory_efficient, residual is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
 
     @staticmethod
-    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
-        input, output, residual, weight, bias, mean, invstd = ctx.saved_tensors
+    def backward(ctx, grad_output, *_grad_statistics):
+        input, output, residual, weight, bias, mean, invstd, count = ctx.saved_tensors
         needs = ctx.needs_input_grad
         # Without an activation d(residual) is grad_output itself: no kernel writes it.
         residual_from_kernel = ctx.has_residual and ctx.activation != "identity"
         output_mask = [needs[0], needs[1], needs[2], needs[9] and residual_from_kernel]
-        grads = torch.ops.bn_triton.batch_norm_backward(
-            grad_output, input, output, residual, weight, bias, mean, invstd, ctx.training,
-            output_mask, ctx.bias_dtype, ctx.has_residual, ctx.activation,
-            ctx.activation_param, ctx.memory_efficient, ctx.eps)
+        epilogue = (ctx.has_residual, ctx.activation, ctx.activation_param,
+                    ctx.memory_efficient, ctx.eps)
+        if ctx.group_name is not None:
+            grads = torch.ops.bn_triton.sync_batch_norm_backward(
+                grad_output, input, output, residual, weight, bias, mean, invstd, count,
+                output_mask, ctx.bias_dtype, ctx.group_name, *epilogue)
+        else:
+            grads = torch.ops.bn_triton.batch_norm_backward(
+                grad_output, input, output, residual, weight, bias, mean, invstd, ctx.training,
+                output_mask, ctx.bias_dtype, *epilogue)
         grad_input, grad_weight, grad_bias, grad_residual = [
             grad if wanted else None for grad, wanted in zip(grads, output_mask)]
         if needs[9] and not residual_from_kernel:
             grad_residual = grad_output
         return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None,
-                grad_residual, None, None, None)
+                grad_residual, None, None, None, None)
 
 
 def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                num_batches_tracked: Optional[torch.Tensor], training: bool, momentum: float,
                eps: float, residual: Optional[torch.Tensor] = None,
-               activation: Optional[Activation] = None, memory_efficient: bool = False
-               ) -> torch.Tensor:
+               activation: Optional[Activation] = None, memory_efficient: bool = False,
+               group_name: Optional[str] = None) -> torch.Tensor:
     """The differentiable act(batch_norm(x) + residual) over the ops: batch_norm_forward's
-    output. activation None is the identity."""
+    output (sync_batch_norm_forward's, with statistics across the ranks of the process group
+    named group_name, given). activation None is the identity."""
     # The activation goes in as its name and parameter, literals where there is none: under
     # torch.compile(dynamic=True) Dynamo turns a float read from a shared object into a
     # symbolic input, which it cannot lift into the autograd.Function's graph.
     name, param = (activation.name, activation.param) if activation else ("identity", 0.0)
     return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
                                    num_batches_tracked, training, momentum, eps, residual,
-                                   name, param, memory_efficient)[0]
+                                   name, param, memory_efficient, group_name)[0]

@@ -137,12 +137,14 @@ def update_running_stats(running_mean_ptr, running_var_ptr, num_batches_tracked_
 @triton.jit
 def batch_stats_kernel(
     x_ptr, part_mean_ptr, part_m2_ptr, tickets_ptr,
-    mean_ptr, invstd_ptr, centre_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
+    mean_ptr, invstd_ptr, centre_ptr, var_ptr, running_mean_ptr, running_var_ptr,
+    num_batches_tracked_ptr,
     C, S, M, tiles_per_n, num_tiles, tiles_per_split, num_splits,
     momentum, momentum_lo, eps, eps_lo,
     stride_xn, stride_xc, stride_xs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_P2: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_COUNT: tl.constexpr, INT64: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_COUNT: tl.constexpr, WRITE_VAR: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """mean, invstd = 1/sqrt(var + eps) (biased var) of every channel, and the running update.
 
@@ -153,10 +155,10 @@ def batch_stats_kernel(
     The last program of the block combines the num_splits partials with counts n_k:
     mean - pivot = Σ n_k·m_k / M,   M2 = Σ (M2_k + n_k·(m_k - (mean - pivot))²),   var = M2/M,
     over a fixed [BLOCK_C, SPLITS_P2] tile, and writes mean, invstd, centre = mean - pivot
-    (unrounded, for normalize_kernel) and, with UPDATE_RUNNING, the running statistics.
-    x: (N, C, S), any strides, any float dtype. part_*: (C, num_splits); mean, invstd, centre:
-    (C,), all in the accumulation dtype (float32, float64 for float64 x). tickets: int32,
-    one per channel block, zero before the launch and left zero after it."""
+    (unrounded, for normalize_kernel), with WRITE_VAR var, and with UPDATE_RUNNING the running
+    statistics. x: (N, C, S), any strides, any float dtype. part_*: (C, num_splits); mean,
+    invstd, centre, var: (C,), all in the accumulation dtype (float32, float64 for float64
+    x). tickets: int32, one per channel block, zero before the launch and left zero after it."""
     acc_dtype = part_mean_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
@@ -202,6 +204,8 @@ def batch_stats_kernel(
         tl.store(mean_ptr + c, mean, mask=c_mask)
         tl.store(invstd_ptr + c, inverse_std(var + eps_lo, eps), mask=c_mask)
         tl.store(centre_ptr + c, centre, mask=c_mask)
+        if WRITE_VAR:  # a rank's statistics, for SyncBatchNorm to combine across ranks
+            tl.store(var_ptr + c, var, mask=c_mask)
         if UPDATE_RUNNING:
             update_running_stats(running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, c,
                                  c_mask, mean, var, M, momentum, momentum_lo, MOMENTUM_FROM_COUNT)

@@ -49,6 +49,11 @@ def test_dry_run_runs_every_stage(tmp_path):
             assert variant["outputs_max_relative_difference"] < 1e-4, (name, variant)
             assert variant["grads_max_relative_difference"] < 1e-4, (name, variant)
     assert result["model"]["cuda_graph"] == {"skipped": "needs CUDA"}
+    sync = result["model"]["sync"]
+    assert sync["backend"] == "gloo" and sync["sync_layers"] == 7, sync
+    assert sync["collective_events_in_a_step"] >= 2 * 7, sync  # one each way a layer
+    assert sync["outputs_max_relative_difference"] < 1e-5, sync
+    assert sync["grads_max_relative_difference"] < 1e-4, sync
     # The small ResNet's stem BN and the 3 of each of its 2 bottlenecks feed a ReLU.
     assert variants["bn_triton.fused"]["fused_layers"] == 7
     fused_rows = [r for r in kernels["rows"] if r["variant"] == "bn+add+relu"]
