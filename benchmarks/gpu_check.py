@@ -44,11 +44,15 @@ STAGES = ("environment", "tests", "kernels", "model", "results")
 # Each stage's share of the budget; time a stage leaves goes to the next.
 SHARES = {"environment": 0.04, "tests": 0.30, "kernels": 0.30, "model": 0.34, "results": 0.02}
 
-# Stage 2: what of the suite runs on the GPU. Functional numerics on both paths, the modules,
-# errors, determinism, compile/export and the switch's dispatch trace.
+# Stage 2: what of the suite runs on the GPU. Functional numerics on both paths, the fused
+# epilogue and its layers, the modules, errors, determinism, compile/export and the switch's
+# dispatch trace.
 # In this order, so that a cut leaves the first: what only a GPU shows (ops under the compiler,
 # the ATen routes of CUDA) before the numerics that the CPU interpreter checks too.
-TESTS_GPU = ["tests/test_library.py", "tests/test_switch.py", "tests/test_functional.py",
+TESTS_GPU = ["tests/test_library.py", "tests/test_switch.py",
+             "tests/test_fused.py::test_split_path_and_eval",
+             "tests/test_fused.py::test_memory_efficient_gradients_equal_the_fused_ones",
+             "tests/test_fused_modules.py", "tests/test_functional.py",
              "tests/test_modules.py::test_train_steps_then_eval_like_torch",
              "tests/test_modules.py::test_channels_last_like_torch",
              "tests/test_modules.py::test_half_input_float32_module",

@@ -39,10 +39,13 @@ NEEDS_S = {"torch": 10, "bn_triton": 10, "bn_triton.fused": 10, "bn_triton.compi
 
 
 class Bottleneck(nn.Module):
-    """ResNet's bottleneck block: 1x1, 3x3, 1x1 convolutions, each followed by a batch norm and
-    the activation (ReLU by default), act(bn3(...) + identity) at the end."""
+    """ResNet's bottleneck block, its forward written as torchvision writes it: 1x1, 3x3, 1x1
+    convolutions, each followed by a batch norm and the activation (ReLU by default), then
+    act(bn3(...) + identity), the identity through a downsample (1x1 convolution and batch
+    norm, computed after bn3) when asked."""
 
-    def __init__(self, channels: int, width: int, activation: Optional[nn.Module] = None):
+    def __init__(self, channels: int, width: int, activation: Optional[nn.Module] = None,
+                 downsample: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -51,11 +54,18 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(channels)
         self.act = activation if activation is not None else nn.ReLU(inplace=True)
+        self.downsample = (nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False),
+                                         nn.BatchNorm2d(channels)) if downsample else None)
 
     def forward(self, x):
+        identity = x
         out = self.act(self.bn1(self.conv1(x)))
         out = self.act(self.bn2(self.conv2(out)))
-        return self.act(self.bn3(self.conv3(out)) + x)
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.act(out)
 
 
 def small_resnet(num_classes: int = 10) -> nn.Module:

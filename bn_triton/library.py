@@ -76,11 +76,16 @@ def batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
                                      Activation(activation, activation_param), memory_efficient)
 
 
+def _forward_fake(input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The output and the (C,) statistics a forward op returns for `input`."""
+    mean = input.new_empty((input.shape[1],), dtype=accumulation_dtype(input.dtype))
+    return empty_output(input), mean, torch.empty_like(mean)
+
+
 @batch_norm_forward.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
       eps, residual=None, activation="identity", activation_param=0.0, memory_efficient=False):
-    mean = input.new_empty((input.shape[1],), dtype=accumulation_dtype(input.dtype))
-    return empty_output(input), mean, torch.empty_like(mean)
+    return _forward_fake(input)
 
 
 @torch.library.custom_op("bn_triton::batch_norm_backward", mutates_args=())
@@ -147,9 +152,7 @@ def sync_batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
       group_name, residual=None, activation="identity", activation_param=0.0,
       memory_efficient=False):
-    mean = input.new_empty((input.shape[1],), dtype=accumulation_dtype(input.dtype))
-    return (empty_output(input), mean, torch.empty_like(mean),
-            input.new_empty((), dtype=torch.float64))
+    return (*_forward_fake(input), input.new_empty((), dtype=torch.float64))
 
 
 @torch.library.custom_op("bn_triton::sync_batch_norm_backward", mutates_args=())

@@ -73,6 +73,14 @@ class SyncBatchNorm(_TritonSyncBatchNorm, _TritonBatchNorm, nn.SyncBatchNorm):
     unlike torch's, it also runs on CPU tensors (gloo; the kernels through Triton's
     interpreter) and compiles with fullgraph."""
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """torch's classmethod, to bn_triton's sync layers: convert_batchnorm(module, sync=True,
+        process_group), in place (a fused layer becomes a SyncBatchNormAct)."""
+        from .convert import convert_batchnorm
+
+        return convert_batchnorm(module, sync=True, process_group=process_group)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         group_name = sync_group_name(self)
         if group_name is None:

@@ -67,6 +67,49 @@ def grad_z_and_centred(dy, x_ptr, x_offsets, y_ptr, y_offsets, residual_ptr, res
 
 
 @triton.jit
+def channel_terms(weight_ptr, bias_ptr, mean_ptr, invstd_ptr, c, c_mask, eps, eps_lo,
+                  act_param, act_param_lo, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  XHAT_FROM_OUTPUT: tl.constexpr):
+    """What every backward kernel reads per channel: mean, invstd, scale = γ·invstd (γ̂·invstd
+    with XHAT_FROM_OUTPUT, see channel_scale), shift = β, inv_scale = 1/scale (1 in masked-off
+    channels: no 1/0) and the activation's parameter, in the accumulation dtype."""
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    scale = channel_scale(weight_ptr, c, c_mask, invstd, eps, eps_lo, HAS_WEIGHT,
+                          XHAT_FROM_OUTPUT)
+    shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
+    inv_scale = 1.0 / tl.where(c_mask, scale, 1.0)
+    param = activations.parameter(act_param, act_param_lo, invstd.dtype)
+    return mean, invstd, scale, shift, inv_scale, param
+
+
+@triton.jit
+def tile_grad_z(dy_ptr, x_ptr, y_ptr, residual_ptr, pid_c, tile, tiles_per_n, C, S,
+                stride_dyn, stride_dyc, stride_dys, stride_xn, stride_xc, stride_xs,
+                stride_yn, stride_yc, stride_ys, stride_rn, stride_rc, stride_rs,
+                mean, scale, shift, inv_scale, param, LOAD_X: tl.constexpr,
+                ACTIVATION: tl.constexpr, DZ_FROM: tl.constexpr,
+                XHAT_FROM_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                INT64: tl.constexpr):
+    """(dz, x - mean, mask) of tile `tile` (see stats.tile_offsets) of the split path, each
+    tensor read through its own strides (see grad_z_and_centred)."""
+    dy_offsets, mask = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_dyn, stride_dyc,
+                                    stride_dys, BLOCK_C, BLOCK_S, INT64)
+    x_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_xn, stride_xc,
+                                stride_xs, BLOCK_C, BLOCK_S, INT64)
+    y_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_yn, stride_yc,
+                                stride_ys, BLOCK_C, BLOCK_S, INT64)
+    r_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_rn, stride_rc,
+                                stride_rs, BLOCK_C, BLOCK_S, INT64)
+    dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(mean.dtype)
+    dz, centred = grad_z_and_centred(
+        dy, x_ptr, x_offsets, y_ptr, y_offsets, residual_ptr, r_offsets, mask,
+        mean[:, None], scale[:, None], shift[:, None], inv_scale[:, None], param, mean.dtype,
+        LOAD_X, ACTIVATION, DZ_FROM, XHAT_FROM_OUTPUT)
+    return dz, centred, mask
+
+
+@triton.jit
 def store_affine_grads(grad_weight_ptr, grad_bias_ptr, weight_ptr, c, c_mask, sum_dz,
                        sum_dz_xhat, WRITE_GRAD_WEIGHT: tl.constexpr,
                        WRITE_GRAD_BIAS: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr):
@@ -115,13 +158,9 @@ def dy_sums_kernel(
     split = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
-    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
-    scale = channel_scale(weight_ptr, c, c_mask, invstd, eps, eps_lo, HAS_WEIGHT,
-                          XHAT_FROM_OUTPUT)
-    shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
-    inv_scale = 1.0 / tl.where(c_mask, scale, 1.0)  # x - mean from the output (no 1/0)
-    param = activations.parameter(act_param, act_param_lo, acc_dtype)
+    mean, invstd, scale, shift, inv_scale, param = channel_terms(
+        weight_ptr, bias_ptr, mean_ptr, invstd_ptr, c, c_mask, eps, eps_lo, act_param,
+        act_param_lo, HAS_WEIGHT, HAS_BIAS, XHAT_FROM_OUTPUT)
 
     # Lane-wise sums over the tiles, reduced across the block once after the loop: no
     # barrier inside the loop.
@@ -130,19 +169,11 @@ def dy_sums_kernel(
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     for tile in range(first, last):
-        dy_offsets, mask = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_dyn, stride_dyc,
-                                        stride_dys, BLOCK_C, BLOCK_S, INT64)
-        x_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_xn, stride_xc,
-                                    stride_xs, BLOCK_C, BLOCK_S, INT64)
-        y_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_yn, stride_yc,
-                                    stride_ys, BLOCK_C, BLOCK_S, INT64)
-        r_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_rn, stride_rc,
-                                    stride_rs, BLOCK_C, BLOCK_S, INT64)
-        dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(acc_dtype)
-        dz, centred = grad_z_and_centred(
-            dy, x_ptr, x_offsets, y_ptr, y_offsets, residual_ptr, r_offsets, mask,
-            mean[:, None], scale[:, None], shift[:, None], inv_scale[:, None], param, acc_dtype,
-            True, ACTIVATION, DZ_FROM, XHAT_FROM_OUTPUT)
+        dz, centred, mask = tile_grad_z(
+            dy_ptr, x_ptr, y_ptr, residual_ptr, pid_c, tile, tiles_per_n, C, S, stride_dyn,
+            stride_dyc, stride_dys, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc,
+            stride_ys, stride_rn, stride_rc, stride_rs, mean, scale, shift, inv_scale, param,
+            True, ACTIVATION, DZ_FROM, XHAT_FROM_OUTPUT, BLOCK_C, BLOCK_S, INT64)
         if WRITE_GRAD_RESIDUAL:
             dr_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_drn,
                                          stride_drc, stride_drs, BLOCK_C, BLOCK_S, INT64)
@@ -189,18 +220,13 @@ def input_grad_kernel(
 
     Grid (cdiv(C, BLOCK_C), num_splits). x, y, residual, dy, dx: (N, C, S), each with its own
     strides; weight, bias: (C,) or absent; mean, invstd, mean_dy, mean_dy_xhat: (C,)."""
-    acc_dtype = invstd_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
-    scale = channel_scale(weight_ptr, c, c_mask, invstd, eps, eps_lo, HAS_WEIGHT,
-                          XHAT_FROM_OUTPUT)
-    shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
-    inv_scale = 1.0 / tl.where(c_mask, scale, 1.0)  # x - mean from the output (no 1/0)
-    param = activations.parameter(act_param, act_param_lo, acc_dtype)
+    mean, invstd, scale, shift, inv_scale, param = channel_terms(
+        weight_ptr, bias_ptr, mean_ptr, invstd_ptr, c, c_mask, eps, eps_lo, act_param,
+        act_param_lo, HAS_WEIGHT, HAS_BIAS, XHAT_FROM_OUTPUT)
     if BATCH_STATS:
         mean_dy = tl.load(mean_dy_ptr + c, mask=c_mask, other=0.0)
         xmu_coef = invstd * tl.load(mean_dy_xhat_ptr + c, mask=c_mask, other=0.0)
@@ -208,22 +234,14 @@ def input_grad_kernel(
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     for tile in range(first, last):
-        dy_offsets, mask = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_dyn, stride_dyc,
-                                        stride_dys, BLOCK_C, BLOCK_S, INT64)
+        dz, centred, mask = tile_grad_z(
+            dy_ptr, x_ptr, y_ptr, residual_ptr, pid_c, tile, tiles_per_n, C, S, stride_dyn,
+            stride_dyc, stride_dys, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc,
+            stride_ys, stride_rn, stride_rc, stride_rs, mean, scale, shift, inv_scale, param,
+            BATCH_STATS or DZ_FROM == "x" or DZ_FROM == "x_residual", ACTIVATION, DZ_FROM,
+            XHAT_FROM_OUTPUT, BLOCK_C, BLOCK_S, INT64)
         dx_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_dxn, stride_dxc,
                                      stride_dxs, BLOCK_C, BLOCK_S, INT64)
-        x_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_xn, stride_xc,
-                                    stride_xs, BLOCK_C, BLOCK_S, INT64)
-        y_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_yn, stride_yc,
-                                    stride_ys, BLOCK_C, BLOCK_S, INT64)
-        r_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_rn, stride_rc,
-                                    stride_rs, BLOCK_C, BLOCK_S, INT64)
-        dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(acc_dtype)
-        dz, centred = grad_z_and_centred(
-            dy, x_ptr, x_offsets, y_ptr, y_offsets, residual_ptr, r_offsets, mask,
-            mean[:, None], scale[:, None], shift[:, None], inv_scale[:, None], param, acc_dtype,
-            BATCH_STATS or DZ_FROM == "x" or DZ_FROM == "x_residual", ACTIVATION, DZ_FROM,
-            XHAT_FROM_OUTPUT)
         if BATCH_STATS:
             dz = dz - mean_dy[:, None] - centred * xmu_coef[:, None]
         dx = dz * scale[:, None]
@@ -256,13 +274,9 @@ def backward_slab_kernel(
     pid_c = tl.program_id(0)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
-    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
-    scale = channel_scale(weight_ptr, c, c_mask, invstd, eps, eps_lo, HAS_WEIGHT,
-                          XHAT_FROM_OUTPUT)
-    shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
-    inv_scale = 1.0 / tl.where(c_mask, scale, 1.0)  # x - mean from the output (no 1/0)
-    param = activations.parameter(act_param, act_param_lo, acc_dtype)
+    mean, invstd, scale, shift, inv_scale, param = channel_terms(
+        weight_ptr, bias_ptr, mean_ptr, invstd_ptr, c, c_mask, eps, eps_lo, act_param,
+        act_param_lo, HAS_WEIGHT, HAS_BIAS, XHAT_FROM_OUTPUT)
 
     dy_offsets, mask = slab_offsets(pid_c, C, N, S, stride_dyn, stride_dyc, stride_dys,
                                     BLOCK_C, BLOCK_N, BLOCK_S, INT64)

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import bn_triton
+from benchmarks.model_step import Bottleneck  # torchvision's forward: out += identity
 from bn_triton.epilogue import parse_activation, torch_activation
 
-from conftest import tolerance
 
 C = 4
 OURS = {1: bn_triton.BatchNormAct1d, 2: bn_triton.BatchNormAct2d, 3: bn_triton.BatchNormAct3d}
@@ -131,32 +131,6 @@ def test_broadcast_residual_is_added_unfused(device, launches):
 
 
 # --- fuse_batchnorm_activations -------------------------------------------------------------
-
-class Bottleneck(nn.Module):
-    """torchvision's Bottleneck, its forward as torchvision writes it."""
-
-    def __init__(self, channels, width, downsample=False):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, channels, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = (nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False),
-                                         nn.BatchNorm2d(channels)) if downsample else None)
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
 
 class SmallResNet(nn.Module):
     def __init__(self):

@@ -6,9 +6,7 @@ refused before any collective; the collectives per call counted. Each multi-proc
 bounded by a timeout, so a hang fails its test instead of stalling CI."""
 import copy
 import multiprocessing
-import os
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -225,3 +223,9 @@ def test_convert_to_sync_keeps_state_and_fusion():
     for name, b in model.named_buffers():
         assert torch.equal(b, buffers[name]), name
     assert all(m.process_group is None for m in model if isinstance(m, nn.SyncBatchNorm))
+
+
+def test_convert_sync_batchnorm_classmethod_gives_bn_triton_layers():
+    model = nn.Sequential(nn.BatchNorm1d(3), bn_triton.BatchNormAct2d(3))
+    converted = bn_triton.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert [type(m) for m in converted] == [bn_triton.SyncBatchNorm, bn_triton.SyncBatchNormAct]
