@@ -76,9 +76,12 @@ class _TritonBatchNormAct(_TritonBatchNorm):
                  affine: bool = True, track_running_stats: bool = True, apply_act: bool = True,
                  act_layer: Union[str, type, nn.Module, None] = "relu",
                  act_kwargs: Optional[Mapping[str, object]] = None,
-                 memory_efficient: bool = False, device=None, dtype=None) -> None:
+                 memory_efficient: bool = False, device=None, dtype=None,
+                 **batch_norm_kwargs) -> None:
+        # batch_norm_kwargs: keyword-only arguments of torch's BatchNorm beyond these, such as
+        # bias=False where the installed torch has it.
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, **batch_norm_kwargs)
         activation = activation_of_layer(act_layer if apply_act else None, act_kwargs)
         if memory_efficient:
             check_memory_efficient(activation, has_residual=False)

@@ -99,9 +99,10 @@ class SyncBatchNormAct(_TritonSyncBatchNorm, _TritonBatchNormAct, nn.SyncBatchNo
                  act_layer: Union[str, type, nn.Module, None] = "relu",
                  act_kwargs: Optional[Mapping[str, object]] = None,
                  memory_efficient: bool = False, process_group=None, device=None,
-                 dtype=None) -> None:
+                 dtype=None, **batch_norm_kwargs) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, apply_act,
-                         act_layer, act_kwargs, memory_efficient, device=device, dtype=dtype)
+                         act_layer, act_kwargs, memory_efficient, device=device, dtype=dtype,
+                         **batch_norm_kwargs)
         self.process_group = process_group
 
     def forward(self, input: torch.Tensor,
