@@ -4,7 +4,7 @@ import json
 
 from bn_triton.experiments import lr_study
 
-STEPS = 30
+STEPS = 20
 
 
 def test_lr_study_short_run(tmp_path, launches, capsys, device):
