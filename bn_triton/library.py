@@ -26,7 +26,8 @@ refuses ops that do. A functional form (the op returns the new statistics, copie
 buffers by the caller) would add two copy launches per layer in eager mode, where the slab path
 exists to save launches. So `BatchNormFunction` calls one op forward and one op backward; Dynamo
 traces it into the graph as those two calls. The backward op mutates nothing and does use
-register_autograd: its own backward raises, so a double backward fails loudly on every route.
+register_autograd: its own backward (a second derivative, double_backward.py) is the same map
+in torch's differentiable ops, so a gradient penalty works as with torch's batch norm.
 """
 from __future__ import annotations
 
@@ -34,13 +35,17 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import collectives, launch
+from . import collectives, double_backward, launch
 from .dispatch import TORCH, backend
 from .epilogue import Activation, dz_source
 from .plan import accumulation_dtype, empty_output
 
-DOUBLE_BACKWARD = ("bn_triton's batch norm does not support double backward (a gradient of its "
-                   "gradient); use torch.nn.functional.batch_norm for that")
+DOUBLE_BACKWARD_SYNC = (
+    "bn_triton's SyncBatchNorm does not support double backward (a gradient of its gradient): "
+    "its statistics span the ranks of the process group")
+DOUBLE_BACKWARD_MEMORY_EFFICIENT = (
+    "bn_triton's batch norm with memory_efficient=True does not support double backward (a "
+    "gradient of its gradient): it keeps neither x nor z; pass memory_efficient=False")
 
 
 def _require_kernels(op: str, input: torch.Tensor) -> None:
@@ -185,13 +190,38 @@ def _(grad_output, input, output, residual, weight, bias, mean, invstd, count, o
                           activation_param, memory_efficient, eps)
 
 
+def _setup_backward_of_backward(ctx, inputs, output):
+    (grad_output, input, output_, residual, weight, bias, mean, invstd, training, output_mask,
+     _, has_residual, activation, activation_param, memory_efficient, eps) = inputs
+    ctx.save_for_backward(grad_output, input, output_, residual, weight, bias, mean, invstd)
+    ctx.training, ctx.eps, ctx.has_residual = training, eps, has_residual
+    ctx.activation = Activation(activation, activation_param)
+    ctx.memory_efficient = memory_efficient
+    # grad_residual is computed only where a residual meets an activation (else it is dy).
+    ctx.wanted = [*output_mask[:3],
+                  output_mask[3] and has_residual and activation != "identity"]
+
+
+def _backward_of_backward(ctx, *grads_of_grads):
+    """Autograd's gradient of batch_norm_backward (a second derivative): double_backward."""
+    if ctx.memory_efficient:
+        raise RuntimeError(DOUBLE_BACKWARD_MEMORY_EFFICIENT)
+    grads = double_backward.backward_of_backward(
+        ctx.saved_tensors, grads_of_grads, ctx.wanted, ctx.training, ctx.eps, ctx.has_residual,
+        ctx.activation)
+    return (*grads, *[None] * 8)
+
+
+torch.library.register_autograd("bn_triton::batch_norm_backward", _backward_of_backward,
+                                setup_context=_setup_backward_of_backward)
+
+
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError(DOUBLE_BACKWARD)
+    raise RuntimeError(DOUBLE_BACKWARD_SYNC)
 
 
-for _op in ("batch_norm_backward", "sync_batch_norm_backward"):
-    torch.library.register_autograd(f"bn_triton::{_op}", _no_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+torch.library.register_autograd("bn_triton::sync_batch_norm_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 class BatchNormFunction(torch.autograd.Function):

@@ -118,7 +118,16 @@ def errors(rank, world, inputs):
         except Exception as error:  # noqa: BLE001
             raised[name] = type(error).__name__
         assert torch.equal(layer.num_batches_tracked, before)
-    return dict(raised=raised, collectives=dict(counts))
+    collectives = dict(counts)
+    # A second derivative: the statistics span the ranks, so it is refused, clearly.
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    grad_x, = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    try:
+        grad_x.sum().backward()
+        raised["double_backward"] = None
+    except RuntimeError as error:
+        raised["double_backward"] = str(error)
+    return dict(raised=raised, collectives=collectives)
 
 
 class Net(nn.Module):

@@ -149,6 +149,23 @@ def test_gradcheck_float64(activation, device, launches):
     assert launches.backward_calls() > 0
 
 
+@pytest.mark.parametrize("activation", NAMES)
+def test_gradgradcheck_float64(activation, device, launches):
+    """Second derivatives (double_backward.py) of the fused layer with a residual: act'(z)
+    recomputed from x and the residual, or read from the saved output, differentiated."""
+    x, weight, bias, residual, _ = inputs((3, C, 2, 2), torch.float64, residual_layout="contiguous",
+                                          device=device)
+    kwargs = dict(activation=activation, activation_kwargs=KWARGS.get(activation))
+
+    def fused(x, weight, bias, residual):
+        return bn_triton.batch_norm(x, None, None, weight, bias, True, residual=residual,
+                                    **kwargs)
+
+    leaves = [t.requires_grad_() for t in (x, weight, bias, residual)]
+    assert torch.autograd.gradgradcheck(fused, leaves, fast_mode=True)
+    assert launches.backward_calls() > 0
+
+
 MEMORY_EFFICIENT = [("identity", None), ("leaky_relu", {"negative_slope": 0.1}),
                     ("elu", {"alpha": 1.0})]
 

@@ -159,6 +159,8 @@ def test_three_ranks_with_an_empty_rank(tmp_path):
 def test_bad_input_is_refused_before_any_collective(tmp_path):
     results = spawn(2, "errors", {}, tmp_path)
     for result in results:
+        assert "SyncBatchNorm does not support double backward" in result["raised"].pop(
+            "double_backward")
         assert result["raised"] == {"channels": "RuntimeError", "dims": "ValueError",
                                     "dtype": "NotImplementedError"}
         assert result["collectives"] == {"all_gather": 0, "all_reduce": 0}
