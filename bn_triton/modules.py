@@ -1,9 +1,10 @@
 """BatchNorm1d/2d/3d and BatchNormAct1d/2d/3d as subclasses of torch's BatchNorm classes, with
 the computation on the Triton kernels."""
-from typing import Mapping, Optional, Union
+import functools
+from typing import Callable, Mapping, Optional, Union
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .dispatch import TORCH, backend
 from .epilogue import (IDENTITY, Activation, activation_of_layer, check_memory_efficient,
@@ -11,10 +12,29 @@ from .epilogue import (IDENTITY, Activation, activation_of_layer, check_memory_e
 from .functional import apply_batch_norm, check_batch_norm_args, composed_batch_norm
 
 
+def traced_as_leaf(forward: Callable) -> Callable:
+    """A layer's forward that torch.fx's symbolic tracing records as one call_module node, as
+    it records torch's own BatchNorm (a leaf module of its default Tracer), instead of tracing
+    into the checks and the kernel choice, which branch on the input's shape and device. The
+    traced model then calls the layer at run time: its training flag, its errors and its
+    kernels are those of the call, not baked in at trace time."""
+
+    @functools.wraps(forward)
+    def forward_or_record(self, input, *args, **kwargs):
+        if isinstance(input, fx.Proxy):
+            tracer = input.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self),
+                                       (input, *args), kwargs)
+        return forward(self, input, *args, **kwargs)
+
+    return forward_or_record
+
+
 class _TritonBatchNorm:
     """forward() of torch's _BatchNorm, line for line, on bn_triton's kernels. Everything else
     (constructor, buffers, _check_input_dim, state_dict, extra_repr) is torch's own class."""
 
+    @traced_as_leaf
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if backend(input) == TORCH:
             return super().forward(input)
@@ -89,6 +109,7 @@ class _TritonBatchNormAct(_TritonBatchNorm):
         self.activation_param = activation.param
         self.memory_efficient = memory_efficient
 
+    @traced_as_leaf
     def forward(self, input: torch.Tensor,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """act(BN(input) + residual). A residual that does not match the input in shape, dtype

@@ -24,7 +24,7 @@ from torch import nn
 from .dispatch import TORCH, backend
 from .epilogue import IDENTITY, Activation, torch_activation
 from .functional import apply_batch_norm, check_batch_norm_args, check_epilogue_args
-from .modules import _matches, _TritonBatchNorm, _TritonBatchNormAct
+from .modules import _matches, _TritonBatchNorm, _TritonBatchNormAct, traced_as_leaf
 
 
 def sync_group_name(layer: nn.SyncBatchNorm) -> Optional[str]:
@@ -81,6 +81,7 @@ class SyncBatchNorm(_TritonSyncBatchNorm, _TritonBatchNorm, nn.SyncBatchNorm):
 
         return convert_batchnorm(module, sync=True, process_group=process_group)
 
+    @traced_as_leaf
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         group_name = sync_group_name(self)
         if group_name is None:
@@ -105,6 +106,7 @@ class SyncBatchNormAct(_TritonSyncBatchNorm, _TritonBatchNormAct, nn.SyncBatchNo
                          **batch_norm_kwargs)
         self.process_group = process_group
 
+    @traced_as_leaf
     def forward(self, input: torch.Tensor,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         group_name = sync_group_name(self)

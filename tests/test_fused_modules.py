@@ -299,3 +299,29 @@ def test_fused_model_compiles_and_exports(device, launches):
     program = torch.export.export(model, (x,))
     torch.testing.assert_close(program.module()(x), reference(x), **TOL)
     assert launches.forward_calls() >= 8 * 2
+
+
+def test_symbolic_trace_records_fused_and_sync_layers_as_leaves(device, launches):
+    """A fused layer called with a residual, and the sync layers, stay one call_module node
+    each under torch.fx.symbolic_trace, their arguments recorded; the traced model computes
+    what the model does."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bn_triton.BatchNormAct2d(C, act_layer="silu")
+            self.sync = bn_triton.SyncBatchNorm(C)
+            self.sync_act = bn_triton.SyncBatchNormAct(C)
+
+        def forward(self, x):
+            y = self.bn(x, residual=x)
+            return self.sync_act(self.sync(y), y)
+
+    block = Block().to(device)
+    traced = torch.fx.symbolic_trace(copy.deepcopy(block))
+    calls = [(node.target, len(node.args) + len(node.kwargs))
+             for node in traced.graph.nodes if node.op == "call_module"]
+    assert calls == [("bn", 2), ("sync", 1), ("sync_act", 2)]
+    x = torch.randn(4, C, 5, 5, device=device)
+    torch.testing.assert_close(traced(x), block(x))
+    assert launches.forward_calls() == 6

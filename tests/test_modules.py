@@ -564,3 +564,24 @@ def test_small_cnn_trains_like_torch(launches):
         torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"buffer {name}: {m}")
     assert launches.forward_calls() == 9
     assert launches.backward_calls() == 9
+
+
+def test_symbolic_trace_records_the_layers_as_leaves(launches):
+    """torch.fx.symbolic_trace (create_feature_extractor, FX passes) keeps each converted layer
+    one call_module node, as it keeps torch's own BatchNorm: the traced model runs the layers
+    at run time, so train/eval switches after tracing and the kernels run."""
+    theirs = SmallCNN()
+    ours = bn_triton.convert_batchnorm(copy.deepcopy(theirs))
+    traced = torch.fx.symbolic_trace(ours)
+    assert ([node.target for node in traced.graph.nodes if node.op == "call_module"]
+            == [node.target for node in torch.fx.symbolic_trace(theirs).graph.nodes
+                if node.op == "call_module"])
+    assert type(traced.bn2) is bn_triton.BatchNorm2d
+    x = torch.randn(4, 3, 6, 6)
+    for training in (True, False):
+        traced.train(training)
+        theirs.train(training)
+        torch.testing.assert_close(traced(x), theirs(x), **tolerance(torch.float32))
+    torch.testing.assert_close(traced.bn1.running_mean, theirs.bn1.running_mean,
+                               **stat_tolerance(torch.float32))
+    assert launches.forward_calls() == 6
