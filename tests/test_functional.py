@@ -214,12 +214,18 @@ def test_large_mean_does_not_cancel(layout, device, launches, path):
     assert_path(launches, path)
 
 
-def test_gradcheck_float64(device, launches, path):
+def float64_inputs(device):
+    """x (3, 2, 4), weight, bias requiring grad; running_mean, running_var: float64."""
     x = torch.randn(3, 2, 4, dtype=torch.float64, device=device, requires_grad=True)
     weight = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True)
     bias = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True)
     running_mean = torch.randn(2, dtype=torch.float64, device=device)
     running_var = torch.rand(2, dtype=torch.float64, device=device) + 0.5
+    return x, weight, bias, running_mean, running_var
+
+
+def test_gradcheck_float64(device, launches, path):
+    x, weight, bias, running_mean, running_var = float64_inputs(device)
 
     def train(x, weight, bias):
         return bn_triton.batch_norm(x, None, None, weight, bias, training=True)
@@ -239,6 +245,21 @@ def test_gradcheck_float64(device, launches, path):
     want = torch.autograd.grad(y64, (x, weight, bias), grad_output)
     for got, expected in zip((dx, dw, db), want):
         torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    assert launches.backward_calls() > 0
+    assert_path(launches, path)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradgradcheck_float64(training, device, launches, path):
+    """Second derivatives (the backward op's own autograd, double_backward.py) through the
+    kernels' first derivative on either path."""
+    x, weight, bias, running_mean, running_var = float64_inputs(device)
+
+    def batch_norm(x, weight, bias):  # momentum 0: every call sees the same running stats
+        return bn_triton.batch_norm(x, running_mean, running_var, weight, bias, training,
+                                    momentum=0.0)
+
+    assert torch.autograd.gradgradcheck(batch_norm, (x, weight, bias), fast_mode=True)
     assert launches.backward_calls() > 0
     assert_path(launches, path)
 
