@@ -117,6 +117,7 @@ class _TritonBatchNormAct(_TritonBatchNorm):
         batch norm without activation, so that the result is exactly the unfused one's."""
         activation = Activation(self.activation, self.activation_param)
         if residual is not None and not _matches(residual, input):
+            check_addable(input, residual)
             out = self._batch_norm(input) + residual
             return torch_activation(activation)(out)
         if self.memory_efficient:
@@ -130,6 +131,19 @@ class _TritonBatchNormAct(_TritonBatchNorm):
             act = f"{act}({keyword}={self.activation_param})"
         saving = ", memory_efficient=True" if self.memory_efficient else ""
         return f"{super().extra_repr()}, act={act}{saving}"
+
+
+def check_addable(input: torch.Tensor, residual: object) -> None:
+    """Raise what torch's BN(input) + residual would raise (shapes that do not broadcast,
+    tensors on two devices, an operand add refuses), before the batch norm moves a buffer.
+    The shapes and operand go through torch's own add, on meta tensors."""
+    if isinstance(residual, torch.Tensor):
+        if residual.device != input.device and not (residual.dim() == 0
+                                                    and residual.device.type == "cpu"):
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at "
+                               f"least two devices, {input.device} and {residual.device}!")
+        residual = residual.to("meta")
+    torch.add(input.to("meta"), residual)
 
 
 def _matches(residual: torch.Tensor, input: torch.Tensor) -> bool:

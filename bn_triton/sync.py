@@ -24,7 +24,8 @@ from torch import nn
 from .dispatch import TORCH, backend
 from .epilogue import IDENTITY, Activation, torch_activation
 from .functional import apply_batch_norm, check_batch_norm_args, check_epilogue_args
-from .modules import _matches, _TritonBatchNorm, _TritonBatchNormAct, traced_as_leaf
+from .modules import (_matches, _TritonBatchNorm, _TritonBatchNormAct, check_addable,
+                      traced_as_leaf)
 
 
 def sync_group_name(layer: nn.SyncBatchNorm) -> Optional[str]:
@@ -114,6 +115,8 @@ class SyncBatchNormAct(_TritonSyncBatchNorm, _TritonBatchNormAct, nn.SyncBatchNo
             return _TritonBatchNormAct.forward(self, input, residual)
         activation = Activation(self.activation, self.activation_param)
         unfused = residual is not None and not _matches(residual, input)
+        if unfused:
+            check_addable(input, residual)
         if backend(input) == TORCH or unfused:
             # torch's own SyncBatchNorm where no kernel serves; a residual that torch's add
             # would broadcast or promote is added after the synced batch norm, as unfused.

@@ -149,6 +149,25 @@ def test_broadcast_residual_is_added_unfused(device, launches):
     assert launches.forward_calls() == 1
 
 
+@pytest.mark.parametrize("layer", [bn_triton.BatchNormAct2d, bn_triton.SyncBatchNormAct])
+def test_residual_torchs_add_refuses_changes_nothing(layer, device, launches):
+    """A residual torch's add refuses (shapes that do not broadcast, another device, not a
+    number): torch's error type, before the batch norm runs or moves a buffer."""
+    ours = layer(C).to(device)
+    x = torch.randn(3, C, 5, 6, device=device)
+    before = {name: b.clone() for name, b in ours.named_buffers()}
+    for residual, error in ((torch.randn(3, C, 5, 7, device=device), RuntimeError),
+                            (torch.randn(3, C, 5, 6, device="meta"), RuntimeError),
+                            ("1", TypeError)):
+        with pytest.raises(error):
+            F.relu(nn.BatchNorm2d(C).to(device)(x) + residual)  # torch's unfused refuses too
+        with pytest.raises(error):
+            ours(x, residual)
+    assert launches == []
+    for name, buffer in ours.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+
+
 # --- fuse_batchnorm_activations -------------------------------------------------------------
 
 class SmallResNet(nn.Module):
