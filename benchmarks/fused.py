@@ -113,8 +113,13 @@ def memory_rows(shape=(8, 64, 28, 28)) -> List[dict]:
         "memory-saving BN+LeakyReLU": lambda: bn_triton.BatchNormAct2d(
             C, act_layer="leaky_relu", memory_efficient=True)(x),
     }
-    rows = [dict(scope="layer", variant=name, bytes=saved_bytes(run),
-                 activations=round(saved_bytes(run) / unit, 2)) for name, run in layer.items()]
+
+    def row(scope: str, variant: str, run) -> dict:
+        saved = saved_bytes(run)
+        return dict(scope=scope, variant=variant, bytes=saved,
+                    activations=round(saved / unit, 2))
+
+    rows = [row("layer", name, run) for name, run in layer.items()]
 
     def block(kind: str):
         torch.manual_seed(0)
@@ -127,10 +132,8 @@ def memory_rows(shape=(8, 64, 28, 28)) -> List[dict]:
                     module.memory_efficient = module is not model.get_submodule("bn3")
         return lambda: model(x)
 
-    for kind in ("eager", "fused", "memory-saving"):
-        run = block(kind)
-        rows.append(dict(scope="bottleneck block (leaky_relu)", variant=kind,
-                         bytes=saved_bytes(run), activations=round(saved_bytes(run) / unit, 2)))
+    rows += [row("bottleneck block (leaky_relu)", kind, block(kind))
+             for kind in ("eager", "fused", "memory-saving")]
     return rows
 
 

@@ -274,6 +274,7 @@ def time_case(case: Case, dtype_name: str, providers: Sequence[str], modes: Sequ
     residual = make_inputs(case.shape, case.layout, dtype_name, device)[1] if residual_relu \
         else None
     minimum = MIN_BYTES_RESIDUAL if residual_relu else MIN_BYTES
+    variant = "bn+add+relu" if residual_relu else "bn"
     numel, size = x.numel(), x.element_size()
     rows = []
     for provider in providers:
@@ -304,12 +305,12 @@ def time_case(case: Case, dtype_name: str, providers: Sequence[str], modes: Sequ
                     rows.append(dict(case=case.label, name=case.name, layout=case.layout_name,
                                      dtype=dtype_name, shape=list(case.shape), M=case.M,
                                      regime=case.regime, provider=provider, mode=mode,
-                                     variant="bn+add+relu" if residual_relu else "bn",
+                                     variant=variant,
                                      ms=ms, ms_q20=ms_lo, ms_q80=ms_hi, gbs=gbs,
                                      setup_s=round(setup_s, 3)))
         except Exception as error:  # noqa: BLE001 - one provider's failure is a result
             rows.append(dict(case=case.label, dtype=dtype_name, provider=provider,
-                             variant="bn+add+relu" if residual_relu else "bn",
+                             variant=variant,
                              error=f"{type(error).__name__}: {error}"[:500]))
         x.grad = None
     return rows

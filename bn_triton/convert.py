@@ -87,7 +87,9 @@ def fuse_batchnorm_activations(model: nn.Module) -> nn.Module:
 
 
 class _Tracer(fx.Tracer):
-    """torch's tracer, with bn_triton's layers (defined outside torch.nn) kept as calls."""
+    """torch's tracer, with user subclasses of torch's BatchNorm kept as calls too, as torch's
+    classes and bn_triton's layers (modules.traced_as_leaf) are: fusion leaves a subclass
+    alone, and tracing into its forward could fail and leave the whole model unfused."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, nn.modules.batchnorm._BatchNorm) or super().is_leaf_module(

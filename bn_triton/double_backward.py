@@ -92,12 +92,13 @@ def grads_in_torch(grad_output: torch.Tensor, input: torch.Tensor,
 
 
 def backward_of_backward(tensors: Sequence[Optional[torch.Tensor]],
-                         grads_of_grads: Sequence[Optional[torch.Tensor]],
-                         wanted: Sequence[bool], training: bool, eps: float, has_residual: bool,
-                         activation: Activation) -> Tuple[Optional[torch.Tensor], ...]:
+                         grads_of_grads: Sequence[Optional[torch.Tensor]], training: bool,
+                         eps: float, has_residual: bool, activation: Activation
+                         ) -> Tuple[Optional[torch.Tensor], ...]:
     """The gradients with respect to `tensors` = (grad_output, input, output, residual, weight,
-    bias, mean, invstd) of Σ grads_of_grads·(dx, dγ, dβ, d(residual)), over the outputs that
-    were computed (`wanted`) and have an incoming gradient. None where a tensor takes none."""
+    bias, mean, invstd) of Σ grads_of_grads·(dx, dγ, dβ, d(residual)), over the outputs with an
+    incoming gradient (one the op did not compute came back empty, and so does its gradient).
+    None where a tensor takes none."""
     if torch.is_grad_enabled():
         raise RuntimeError(THIRD_DERIVATIVE)
     differentiable = [i for i, tensor in enumerate(tensors[:6])
@@ -109,10 +110,8 @@ def backward_of_backward(tensors: Sequence[Optional[torch.Tensor]],
               else None for i, tensor in enumerate(tensors)]
     with torch.enable_grad():
         grads = grads_in_torch(*leaves, training, eps, has_residual, activation)
-    pairs = [(grad, incoming) for grad, incoming, was_computed
-             in zip(grads, grads_of_grads, wanted)
-             if was_computed and incoming is not None and incoming.numel() > 0
-             and grad.requires_grad]
+    pairs = [(grad, incoming) for grad, incoming in zip(grads, grads_of_grads)
+             if incoming is not None and incoming.numel() > 0 and grad.requires_grad]
     result: list = [None] * len(tensors)
     if pairs and differentiable:
         found = torch.autograd.grad([grad for grad, _ in pairs],

@@ -35,7 +35,6 @@ def tickets(device: torch.device, count: int) -> torch.Tensor:
     return buffer
 
 
-
 def _float64_pair(name: str, value: float) -> dict:
     """value as float32 + float32 remainder (Triton passes Python floats as float32): the
     float64 kernels add both back and see the float64 value to 2⁻⁴⁸ relative."""

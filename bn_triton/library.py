@@ -191,15 +191,12 @@ def _(grad_output, input, output, residual, weight, bias, mean, invstd, count, o
 
 
 def _setup_backward_of_backward(ctx, inputs, output):
-    (grad_output, input, output_, residual, weight, bias, mean, invstd, training, output_mask,
-     _, has_residual, activation, activation_param, memory_efficient, eps) = inputs
+    (grad_output, input, output_, residual, weight, bias, mean, invstd, training, _, _,
+     has_residual, activation, activation_param, memory_efficient, eps) = inputs
     ctx.save_for_backward(grad_output, input, output_, residual, weight, bias, mean, invstd)
     ctx.training, ctx.eps, ctx.has_residual = training, eps, has_residual
     ctx.activation = Activation(activation, activation_param)
     ctx.memory_efficient = memory_efficient
-    # grad_residual is computed only where a residual meets an activation (else it is dy).
-    ctx.wanted = [*output_mask[:3],
-                  output_mask[3] and has_residual and activation != "identity"]
 
 
 def _backward_of_backward(ctx, *grads_of_grads):
@@ -207,7 +204,7 @@ def _backward_of_backward(ctx, *grads_of_grads):
     if ctx.memory_efficient:
         raise RuntimeError(DOUBLE_BACKWARD_MEMORY_EFFICIENT)
     grads = double_backward.backward_of_backward(
-        ctx.saved_tensors, grads_of_grads, ctx.wanted, ctx.training, ctx.eps, ctx.has_residual,
+        ctx.saved_tensors, grads_of_grads, ctx.training, ctx.eps, ctx.has_residual,
         ctx.activation)
     return (*grads, *[None] * 8)
 
