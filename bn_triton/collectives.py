@@ -1,24 +1,30 @@
 """SyncBatchNorm's forward and backward across the ranks of a process group, over
 torch.distributed (NCCL on GPUs, gloo on CPUs): one all_gather of every rank's
-(count, mean, var) forward, combined here in rank order; one all_reduce of (Σdz, Σdz·x̂)
-backward. The ops in library.py call these with the process group's name (an op cannot take
-a ProcessGroup).
+(count, mean, var) forward, merged here in rank order by one kernel launch; one all_reduce of
+(Σdz, Σdz·x̂) backward. The ops in library.py call these with the process group's name (an op
+cannot take a ProcessGroup).
 
 Chan et al.'s pairwise formula merges rank k's (n_k, m_k, M2_k = n_k·var_k) into the running
 (n, m, M2):  δ = m_k - m,  n' = n + n_k,  m' = m + δ·n_k/n',  M2' = M2 + M2_k + δ²·n·n_k/n'.
 It is exact for uneven batch sizes and skips a rank with an empty batch (n_k = 0) by
 construction; every rank merges the same gathered numbers in the same order (float64), so every
-rank holds the same bits and the same input gives them again.
+rank holds the same bits and the same input gives them again. merge_statistics_kernel
+(kernels/merge.py) does it, with the running-statistic update, in one launch whatever the
+world size: a loop of torch ops took 40 ATen ops at one rank and 152 at eight.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import triton
 
 from . import launch
 from .epilogue import Activation
+from .kernels import merge_statistics_kernel
+from .launch import _float64_pair, _written_in_place
 from .plan import accumulation_dtype
 
 
@@ -38,20 +44,54 @@ def gather_statistics(local: torch.Tensor, group_name: str) -> torch.Tensor:
     return torch.stack(gathered)
 
 
-def combine(gathered: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, biased var, total count) over every rank, float64: Chan's merge in rank order
-    (see the module docstring). The count is a 0-d tensor: nothing is read on the host."""
-    count = torch.zeros_like(gathered[0, 0])
-    mean = torch.zeros_like(count)
-    m2 = torch.zeros_like(count)
-    for rank_count, rank_mean, rank_var in gathered:
-        total = count + rank_count
-        share = torch.where(total > 0, rank_count / total.clamp_min(1), 0.0)
-        delta = rank_mean - mean
-        mean = mean + delta * share
-        m2 = m2 + rank_var * rank_count + delta * delta * count * share
-        count = total
-    return mean, m2 / count.clamp_min(1), count[0]
+# Channels a program of merge_statistics_kernel merges, and its warps: one channel a thread.
+# Its work is world·3 float64 loads and a few flops per channel, and its float64 divisions
+# expand to long subroutines: two channels a thread (256 at 4 warps) spill 8 bytes on sm_80.
+# A C = 2048 layer gets 16 programs; any size gives the same bits (channels are independent).
+MERGE_BLOCK_C = 128
+MERGE_NUM_WARPS = 4
+
+
+def merge_block_c(C: int) -> int:
+    """BLOCK_C of merge_statistics_kernel: C rounded up to a power of two, capped at
+    MERGE_BLOCK_C (see there)."""
+    return min(triton.next_power_of_2(C), MERGE_BLOCK_C)
+
+
+def launch_device(device: torch.device):
+    """The device a launch on `device` needs current (the caller's may be another GPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def merge_statistics(gathered: torch.Tensor, acc_dtype: torch.dtype,
+                     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                     num_batches_tracked: Optional[torch.Tensor], momentum: float
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, biased var, total count) over every rank, and the running statistics updated
+    in place as torch's SyncBatchNorm keeps them (when given; factor momentum, or
+    1/num_batches_tracked read on the device when that is given): merge_statistics_kernel,
+    one launch (see the module docstring for the formula). mean and var come in acc_dtype,
+    the count as a 0-d float64 tensor: nothing is read on the host."""
+    C = gathered.shape[2]
+    mean = torch.empty(C, dtype=acc_dtype, device=gathered.device)
+    var = torch.empty_like(mean)
+    count = torch.empty((), dtype=torch.float64, device=gathered.device)
+    block_c = merge_block_c(C)
+    update = running_mean is not None
+    stride_gw, stride_gs, stride_gc = gathered.stride()
+    with launch_device(gathered.device), _written_in_place(running_mean) as running_mean, \
+            _written_in_place(running_var) as running_var:
+        # enable_fp_fusion=False: no FMA contraction, so a GPU rounds every product and sum
+        # as the interpreter and a loop of torch ops do (kernels/merge.py).
+        merge_statistics_kernel[(triton.cdiv(C, block_c),)](
+            gathered_ptr=gathered, mean_ptr=mean, var_ptr=var, count_ptr=count,
+            running_mean_ptr=running_mean, running_var_ptr=running_var,
+            num_batches_tracked_ptr=num_batches_tracked if update else None,
+            C=C, world=gathered.shape[0], **_float64_pair("momentum", momentum),
+            stride_gw=stride_gw, stride_gs=stride_gs, stride_gc=stride_gc, BLOCK_C=block_c,
+            UPDATE_RUNNING=update, MOMENTUM_FROM_COUNT=update and num_batches_tracked is not None,
+            num_warps=MERGE_NUM_WARPS, enable_fp_fusion=False)
+    return mean, var, count
 
 
 def all_reduce_sums(sum_dy: torch.Tensor, sum_dy_xhat: torch.Tensor, group_name: str
@@ -74,17 +114,12 @@ def forward(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     momentum or 1/num_batches_tracked, on the device), then the normalize launch with the
     epilogue. An empty input takes part in the collective with a count of 0."""
     gathered = gather_statistics(launch.local_statistics(input), group_name)
-    mean, var, count = combine(gathered)
-    if running_mean is not None:
-        factor = momentum if num_batches_tracked is None else 1.0 / num_batches_tracked.double()
-        unbiased = var * count / (count - 1)
-        running_mean.copy_((1 - factor) * running_mean.double() + factor * mean)
-        running_var.copy_((1 - factor) * running_var.double() + factor * unbiased)
-    acc_dtype = accumulation_dtype(input.dtype)
-    # The normalize kernel with the combined statistics in place of the running ones.
+    mean, var, count = merge_statistics(gathered, accumulation_dtype(input.dtype), running_mean,
+                                        running_var, num_batches_tracked, momentum)
+    # The normalize kernel with the merged statistics in place of the running ones.
     output, mean, invstd = launch.batch_norm_forward(
-        input, weight, bias, mean.to(acc_dtype), var.to(acc_dtype), None, False, 0.0, eps,
-        residual, activation, memory_efficient)
+        input, weight, bias, mean, var, None, False, 0.0, eps, residual, activation,
+        memory_efficient)
     return output, mean, invstd, count
 
 

@@ -13,12 +13,17 @@ place. M = N·S values belong to each channel. Two paths:
 - stats.py     batch_stats_kernel (split statistics) and the @jit helpers they share
 - forward.py   normalize_kernel (split / eval), forward_slab_kernel
 - backward.py  dy_sums_kernel + input_grad_kernel (split), backward_slab_kernel
+- merge.py     merge_statistics_kernel (SyncBatchNorm: every rank's statistics, merged)
 
 Reference: S. Ioffe and C. Szegedy, Batch Normalization, arXiv:1502.03167, Algorithm 1.
 """
 from .backward import backward_slab_kernel, dy_sums_kernel, input_grad_kernel
 from .forward import forward_slab_kernel, normalize_kernel
+from .merge import merge_statistics_kernel
 from .stats import batch_stats_kernel
 
+# merge_statistics_kernel is compiled for sm_80/sm_90 by tests/test_merge.py, not by the
+# front-end scenarios of tests/test_compile.py (which require every name here): its launch
+# needs a process group, which those single-process meta-tensor calls do not have.
 __all__ = ["batch_stats_kernel", "normalize_kernel", "forward_slab_kernel", "dy_sums_kernel",
            "input_grad_kernel", "backward_slab_kernel"]
