@@ -1,9 +1,10 @@
 """bn_triton.SyncBatchNorm / SyncBatchNormAct across 2 and 3 gloo processes on the CPU (the
 kernels through Triton's interpreter), against one process's BatchNorm over the whole batch:
 uneven local batches and an empty rank, BatchNorm1d/2d/3d-shaped and channels_last input, the
-fused epilogue, momentum=None; DistributedDataParallel; torch.compile(fullgraph=True); bad input
-refused before any collective; the collectives per call counted. Each multi-process run is
-bounded by a timeout, so a hang fails its test instead of stalling CI."""
+fused epilogue, momentum=None, the same bits on every rank; DistributedDataParallel;
+torch.compile(fullgraph=True); bad input refused before any collective; the collectives per
+call counted. Each multi-process run is bounded by a timeout, so a hang fails its test instead
+of stalling CI. tests/test_merge.py checks the merge of the ranks' statistics in one process."""
 import copy
 import multiprocessing
 
@@ -117,6 +118,9 @@ def check_layer_results(cases, results):
                         msg=lambda m: f"{name} rank {rank} step {step} {key}: {m}")
                 assert got["y"].stride() == got["dx"].stride() or hi == lo
         for rank, result in enumerate(results):
+            # Every rank merged the same gathered statistics in the same order: the same bits.
+            for key, value in results[0][name]["state"].items():
+                assert torch.equal(result[name]["state"][key], value), f"{name} rank {rank} {key}"
             for key, value in want_state.items():
                 exact = key == "num_batches_tracked"
                 torch.testing.assert_close(result[name]["state"][key], value,
@@ -140,9 +144,9 @@ def test_two_ranks_uneven_batches(tmp_path):
     }
     results = spawn(2, "layer_step", {"cases": sendable(cases)}, tmp_path)
     check_layer_results(cases, results)
-    for result in results:  # the synced path: statistics then normalize, sums then dx
-        assert {"batch_stats_kernel", "normalize_kernel", "dy_sums_kernel",
-                "input_grad_kernel"} <= set(result["launched"])
+    for result in results:  # the synced path: statistics, merge, normalize; sums then dx
+        assert {"batch_stats_kernel", "merge_statistics_kernel", "normalize_kernel",
+                "dy_sums_kernel", "input_grad_kernel"} <= set(result["launched"])
 
 
 def test_three_ranks_with_an_empty_rank(tmp_path):
