@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import threading
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -19,20 +20,54 @@ from .plan import (Plan, Strides, accumulation_dtype, empty_output, kernel_ready
                    ncs_strides)
 from .tuning import NUM_WARPS, launch
 
-_TICKETS = {}
+# Eager ticket buffers, one per (device, stream): see Tickets.
+_TICKETS: Dict[Tuple[torch.device, int], "Tickets"] = {}
+_TICKETS_LOCK = threading.Lock()
+# Ticket epochs live in 31 bits (finished_last keeps them in an int64's high half).
+EPOCHS = 2**31
 
 
-def tickets(device: torch.device, count: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least `count` tickets for this device and stream. The
-    kernels leave it zeroed (the last program of each channel block resets its ticket), so it
-    is allocated once, not per call; one per stream keeps concurrent streams apart."""
+class Tickets:
+    """The int64 ticket words of the split path (kernels/stats.finished_last), one per channel
+    block, and the epoch the next launch on them takes.
+
+    A launch passes its epoch; its last program of each block leaves (epoch + 1, 0) for the
+    next one, which finds its own epoch there and takes the one-atomic fast path. A word with
+    any other epoch is stale and is reclaimed in the kernel, so a buffer that drifted (a
+    stray increment, launches on it reordered between threads) is right at the next launch. Eager buffers are kept per (device, stream), allocated once, not per call. Inside
+    CUDA-graph capture every launch gets a buffer of its own, zeroed in the graph (epoch 0),
+    so that a replay, on any stream, never shares words with eager launches or with another
+    graph, and no graph holds a buffer that a later grow frees."""
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer = buffer
+        self.next_epoch = 1
+        self.lock = threading.Lock()
+
+    def take(self) -> int:
+        """The next launch's epoch: 1 to 2³¹ - 1, then 1 again. 0 is capture's (a zeroed
+        buffer), so a zeroed or mostly zero eager word is stale, never a count."""
+        with self.lock:
+            epoch = self.next_epoch
+            self.next_epoch = epoch + 1 if epoch + 1 < EPOCHS else 1
+            return epoch
+
+
+def tickets(device: torch.device, count: int) -> Tuple[torch.Tensor, int]:
+    """(ticket buffer of at least `count` words, epoch) for a launch on `device`'s current
+    stream (see Tickets)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(count, dtype=torch.int64, device=device), 0
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
-    buffer = _TICKETS.get(key)
-    if buffer is None or buffer.numel() < count:
-        buffer = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-        _TICKETS[key] = buffer
-    return buffer
+    entry = _TICKETS.get(key)
+    if entry is None or entry.buffer.numel() < count:
+        with _TICKETS_LOCK:
+            entry = _TICKETS.get(key)
+            if entry is None or entry.buffer.numel() < count:
+                entry = _TICKETS[key] = Tickets(
+                    torch.zeros(max(count, 1024), dtype=torch.int64, device=device))
+    return entry.buffer, entry.take()
 
 
 def _float64_pair(name: str, value: float) -> dict:
@@ -78,8 +113,9 @@ def batch_statistics(x: torch.Tensor, plan: Plan, strides: Dict[str, Strides],
     part_mean = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=x.device)
     part_m2 = torch.empty_like(part_mean)
     centre = torch.empty_like(mean)
-    launch("batch_stats_kernel", plan.grid, NUM_WARPS, x_ptr=x, part_mean_ptr=part_mean,
-        part_m2_ptr=part_m2, tickets_ptr=tickets(x.device, plan.grid[0]), mean_ptr=mean,
+    ticket_words, epoch = tickets(x.device, plan.grid[0])
+    launch("batch_stats_kernel", plan.grid, NUM_WARPS, x.device, x_ptr=x,
+        part_mean_ptr=part_mean, part_m2_ptr=part_m2, tickets_ptr=ticket_words, epoch=epoch, mean_ptr=mean,
         invstd_ptr=invstd, centre_ptr=centre, var_ptr=var,
         **_running_args(running_mean, running_var, num_batches_tracked, momentum),
         **plan.split_args(), M=plan.M, **_float64_pair("eps", eps), **_strides(strides, "x"),
@@ -96,8 +132,8 @@ def normalize(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tensor]
               abs_weight: bool) -> None:
     """Launch normalize_kernel: y from batch statistics (centre given: mean, invstd, centre
     from batch_statistics) or from the running ones (then mean and invstd are written)."""
-    launch("normalize_kernel", plan.grid, NUM_WARPS, x_ptr=x, y_ptr=y, residual_ptr=residual,
-        weight_ptr=weight, bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, centre_ptr=centre,
+    launch("normalize_kernel", plan.grid, NUM_WARPS, x.device, x_ptr=x, y_ptr=y,
+        residual_ptr=residual,        weight_ptr=weight, bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, centre_ptr=centre,
         running_mean_ptr=running_mean, running_var_ptr=running_var, **plan.split_args(),
         **_float64_pair("eps", eps), **_strides(strides, "x", "y", "r"),
         BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, BATCH_STATS=centre is not None,
@@ -113,7 +149,7 @@ def forward_slab(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tens
                  num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
                  activation: Activation, abs_weight: bool) -> None:
     """Launch forward_slab_kernel: the whole training forward in one pass."""
-    launch("forward_slab_kernel", plan.grid, plan.slab_num_warps, x_ptr=x, y_ptr=y,
+    launch("forward_slab_kernel", plan.grid, plan.slab_num_warps, x.device, x_ptr=x, y_ptr=y,
         residual_ptr=residual, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
         invstd_ptr=invstd, **_running_args(running_mean, running_var, num_batches_tracked,
                                            momentum),
@@ -137,11 +173,13 @@ def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strid
     part_sum_dy = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=mean.device)
     part_sum_dy_xmu = torch.empty_like(part_sum_dy)
     mean_dy, mean_dy_xhat = torch.empty_like(mean), torch.empty_like(mean)
-    launch("dy_sums_kernel", plan.grid, NUM_WARPS, x_ptr=saved.get("x"), y_ptr=saved.get("y"),
+    ticket_words, epoch = tickets(mean.device, plan.grid[0])
+    launch("dy_sums_kernel", plan.grid, NUM_WARPS, mean.device, x_ptr=saved.get("x"),
+        y_ptr=saved.get("y"),
         residual_ptr=saved.get("r"), dy_ptr=saved["dy"], grad_residual_ptr=grad_residual,
         weight_ptr=weight, bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd,
         part_sum_dy_ptr=part_sum_dy, part_sum_dy_xmu_ptr=part_sum_dy_xmu,
-        tickets_ptr=tickets(mean.device, plan.grid[0]), mean_dy_ptr=mean_dy,
+        tickets_ptr=ticket_words, epoch=epoch, mean_dy_ptr=mean_dy,
         mean_dy_xhat_ptr=mean_dy_xhat, grad_weight_ptr=grad_weight, grad_bias_ptr=grad_bias,
         **plan.split_args(),
         **_float64_pair("inv_count", 1.0 / plan.M if inv_count is None else inv_count),
@@ -162,7 +200,7 @@ def input_grad(saved: Dict[str, torch.Tensor], dx: torch.Tensor, plan: Plan,
     """Launch input_grad_kernel: dx with batch statistics (coefficients from dy_sums) or with
     constant ones (coefficients None; x is read only to recompute z)."""
     mean_dy, mean_dy_xhat = coefficients if coefficients is not None else (None, None)
-    launch("input_grad_kernel", plan.grid, NUM_WARPS, x_ptr=saved.get("x"),
+    launch("input_grad_kernel", plan.grid, NUM_WARPS, mean.device, x_ptr=saved.get("x"),
         y_ptr=saved.get("y"), residual_ptr=saved.get("r"), dy_ptr=saved["dy"], dx_ptr=dx,
         weight_ptr=weight, bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd,
         mean_dy_ptr=mean_dy, mean_dy_xhat_ptr=mean_dy_xhat, **_float64_pair("eps", eps),
@@ -181,7 +219,8 @@ def backward_slab(saved: Dict[str, torch.Tensor], dx: Optional[torch.Tensor], pl
                   eps: float, activation: Activation, dz_from: str,
                   xhat_from_output: bool) -> None:
     """Launch backward_slab_kernel: dγ, dβ, d(residual) and dx (those given) in one pass."""
-    launch("backward_slab_kernel", plan.grid, plan.slab_num_warps, x_ptr=saved.get("x"),
+    launch("backward_slab_kernel", plan.grid, plan.slab_num_warps, mean.device,
+        x_ptr=saved.get("x"),
         y_ptr=saved.get("y"), residual_ptr=saved.get("r"), dy_ptr=saved["dy"], dx_ptr=dx,
         grad_residual_ptr=grad_residual, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
         invstd_ptr=invstd, grad_weight_ptr=grad_weight, grad_bias_ptr=grad_bias, C=plan.C,
@@ -192,7 +231,7 @@ def backward_slab(saved: Dict[str, torch.Tensor], dx: Optional[torch.Tensor], pl
         XHAT_FROM_OUTPUT=xhat_from_output, WRITE_GRAD_WEIGHT=grad_weight is not None,
         WRITE_GRAD_BIAS=grad_bias is not None, WRITE_GRAD_INPUT=dx is not None,
         WRITE_GRAD_RESIDUAL=grad_residual is not None, **_epilogue_args(activation),
-        INT64=plan.INT64)
+        INT64=plan.INT64, X_LIKE_DY="x" in strides and strides["x"] == strides["dy"])
 
 
 def _plan(shape: Sequence[int], tensors: Dict[str, torch.Tensor], device: torch.device,
@@ -335,9 +374,14 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
     if grad_residual is not None:
         tensors["dr"] = grad_residual
     need_sums = (want_dx and training) or want_dw or want_db or grad_residual is not None
-    # A third tensor (y or the residual beside x and dy) still fits the backward slab: ptxas
-    # gives 100-122 registers at 16384 values a program, no spills.
-    budget = planning.MAX_SLAB_BACKWARD
+    # A third tensor (y or the residual beside x and dy) still fits the backward slab where
+    # rows load as vectors: ptxas gives 100-122 registers at 16384 values a program, no
+    # spills. Where they load as scalars (7x7 maps: every value its own address) it spilled
+    # 130 bytes on sm_90 (ResNet-50 b256's last stage, relu + residual), so half the slab.
+    third = "y" in saved or "r" in saved
+    scalar_rows = planning.loads_as_scalars(reference.shape, ncs_strides(reference),
+                                            reference.element_size())
+    budget = planning.MAX_SLAB_BACKWARD // (2 if third and scalar_rows else 1)
     max_tile = (planning.MAX_TILE_FLOAT64_ACTIVATION
                 if reference.element_size() > 4 and activation.name != "identity"
                 else planning.MAX_TILE)

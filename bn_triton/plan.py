@@ -80,6 +80,15 @@ def ncs_strides(t: torch.Tensor) -> Optional[Strides]:
     return t.stride(0), t.stride(1), stride_s
 
 
+def loads_as_scalars(shape: Sequence[int], strides: Optional[Strides], element_size: int) -> bool:
+    """Whether a slab of this tensor loads its rows one value at a time: rows run along S
+    (channels strided) and S values are not a whole number of 16-byte vectors (7x7 maps), so
+    no access can be wider than a value and each needs an address of its own."""
+    if strides is None or (strides[1] == 1 and strides[2] != 1):  # rows along C
+        return False
+    return math.prod(shape[2:]) * element_size % 16 != 0
+
+
 def tile_shape(C: int, S: int, channels_contiguous: bool, element_size: int,
                max_tile: int = MAX_TILE) -> Tuple[int, int]:
     """(BLOCK_C, BLOCK_S) of the tiles, at most max_tile values.
@@ -209,10 +218,13 @@ def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.de
         block_c, block_s = tile_shape(C, S, channels_contiguous, element_size, max_tile)
         tiles_per_n = triton.cdiv(S, block_s)
         extents = (block_c, N, tiles_per_n * block_s)
-    # The largest offset a tile may form, masked lanes included.
+    # The largest offset a tile may form, masked lanes included, and the largest index along
+    # a channel (its padded extent, N·padded S, bounds every split's value count): past 2³¹
+    # either, the kernels form every index in int64.
     c_pad = triton.cdiv(C, block_c) * block_c
     largest = max((extents[1] - 1) * sn + (c_pad - 1) * sc + (extents[2] - 1) * ss
                   for sn, sc, ss in strides)
+    largest = max(largest, extents[1] * extents[2])
     common = dict(N=N, C=C, S=S, strides=tuple(strides), BLOCK_C=block_c, BLOCK_S=block_s,
                   INT64=largest >= 2**31)
     if slab is not None:

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from . import activations
 from .forward import slab_offsets
-from .stats import channel_scale, channel_shift, finished_last, tile_offsets
+from .stats import channel_scale, channel_shift, divide, finished_last, split_range, tile_offsets
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def channel_terms(weight_ptr, bias_ptr, mean_ptr, invstd_ptr, c, c_mask, eps, ep
     scale = channel_scale(weight_ptr, c, c_mask, invstd, eps, eps_lo, HAS_WEIGHT,
                           XHAT_FROM_OUTPUT)
     shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
-    inv_scale = 1.0 / tl.where(c_mask, scale, 1.0)
+    inv_scale = divide(tl.zeros(scale.shape, scale.dtype) + 1.0, tl.where(c_mask, scale, 1.0))
     param = activations.parameter(act_param, act_param_lo, invstd.dtype)
     return mean, invstd, scale, shift, inv_scale, param
 
@@ -127,10 +127,10 @@ def store_affine_grads(grad_weight_ptr, grad_bias_ptr, weight_ptr, c, c_mask, su
         tl.store(grad_bias_ptr + c, sum_dz.to(grad_bias_ptr.dtype.element_ty), mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["epoch"])
 def dy_sums_kernel(
     x_ptr, y_ptr, residual_ptr, dy_ptr, grad_residual_ptr, weight_ptr, bias_ptr,
-    mean_ptr, invstd_ptr, part_sum_dy_ptr, part_sum_dy_xmu_ptr, tickets_ptr,
+    mean_ptr, invstd_ptr, part_sum_dy_ptr, part_sum_dy_xmu_ptr, tickets_ptr, epoch,
     mean_dy_ptr, mean_dy_xhat_ptr, grad_weight_ptr, grad_bias_ptr,
     C, S, inv_count, inv_count_lo, eps, eps_lo, act_param, act_param_lo,
     tiles_per_n, num_tiles, tiles_per_split, num_splits,
@@ -166,8 +166,7 @@ def dy_sums_kernel(
     # barrier inside the loop.
     lane_sum_dy = tl.zeros([BLOCK_C, BLOCK_S], acc_dtype)
     lane_sum_dy_xmu = tl.zeros([BLOCK_C, BLOCK_S], acc_dtype)
-    first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, num_tiles)
+    first, last = split_range(split, tiles_per_split, num_tiles, INT64)
     for tile in range(first, last):
         dz, centred, mask = tile_grad_z(
             dy_ptr, x_ptr, y_ptr, residual_ptr, pid_c, tile, tiles_per_n, C, S, stride_dyn,
@@ -185,7 +184,7 @@ def dy_sums_kernel(
     tl.store(part_sum_dy_xmu_ptr + c * num_splits + split, tl.sum(lane_sum_dy_xmu, axis=1),
              mask=c_mask)
 
-    if finished_last(tickets_ptr, pid_c, num_splits):
+    if finished_last(tickets_ptr, pid_c, num_splits, epoch):
         k = tl.arange(0, SPLITS_P2)
         part_mask = c_mask[:, None] & (k[None, :] < num_splits)
         part_offsets = c[:, None] * num_splits + k[None, :]
@@ -231,8 +230,7 @@ def input_grad_kernel(
         mean_dy = tl.load(mean_dy_ptr + c, mask=c_mask, other=0.0)
         xmu_coef = invstd * tl.load(mean_dy_xhat_ptr + c, mask=c_mask, other=0.0)
 
-    first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, num_tiles)
+    first, last = split_range(split, tiles_per_split, num_tiles, INT64)
     for tile in range(first, last):
         dz, centred, mask = tile_grad_z(
             dy_ptr, x_ptr, y_ptr, residual_ptr, pid_c, tile, tiles_per_n, C, S, stride_dyn,
@@ -261,6 +259,7 @@ def backward_slab_kernel(
     ACTIVATION: tl.constexpr, DZ_FROM: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr,
     WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
     WRITE_GRAD_INPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr, INT64: tl.constexpr,
+    X_LIKE_DY: tl.constexpr,
 ):
     """dγ, dβ, d(residual) and dx of whole channels held in registers: one read of x (or y) and
     dy, one write of dx.
@@ -269,7 +268,10 @@ def backward_slab_kernel(
     sum_dy = Σ dz and sum_dy_xhat = Σ dz·x̂ from the slab, writes grad_weight/grad_bias and
     grad_residual = dz when asked, then dx (WRITE_GRAD_INPUT) with batch statistics
     (BATCH_STATS) or constant ones, as in the module docstring. x, y, residual, dy, dx,
-    grad_residual: (N, C, S), each with its own strides; weight, bias: (C,) or absent."""
+    grad_residual: (N, C, S), each with its own strides; weight, bias: (C,) or absent.
+    X_LIKE_DY: x has dy's strides, and one set of offsets addresses both, which leaves the
+    registers of the other to the slab (a full 16-warp slab of 7x7 maps, whose rows load as
+    scalars, spilled 4 bytes on sm_90 under Triton 3.6 without it)."""
     acc_dtype = mean_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -280,8 +282,11 @@ def backward_slab_kernel(
 
     dy_offsets, mask = slab_offsets(pid_c, C, N, S, stride_dyn, stride_dyc, stride_dys,
                                     BLOCK_C, BLOCK_N, BLOCK_S, INT64)
-    x_offsets, _ = slab_offsets(pid_c, C, N, S, stride_xn, stride_xc, stride_xs,
-                                BLOCK_C, BLOCK_N, BLOCK_S, INT64)
+    if X_LIKE_DY:
+        x_offsets = dy_offsets
+    else:
+        x_offsets, _ = slab_offsets(pid_c, C, N, S, stride_xn, stride_xc, stride_xs,
+                                    BLOCK_C, BLOCK_N, BLOCK_S, INT64)
     y_offsets, _ = slab_offsets(pid_c, C, N, S, stride_yn, stride_yc, stride_ys,
                                 BLOCK_C, BLOCK_N, BLOCK_S, INT64)
     r_offsets, _ = slab_offsets(pid_c, C, N, S, stride_rn, stride_rc, stride_rs,
@@ -306,8 +311,9 @@ def backward_slab_kernel(
 
     if WRITE_GRAD_INPUT:
         if BATCH_STATS:
-            mean_dy = sum_dy / M
-            xmu_coef = invstd * sum_dy_xhat / M
+            total = tl.zeros([BLOCK_C], acc_dtype) + M
+            mean_dy = divide(sum_dy, total)
+            xmu_coef = invstd * divide(sum_dy_xhat, total)
             dz = dz - mean_dy[:, None, None] - centred * xmu_coef[:, None, None]
         dx = dz * scale[:, None, None]
         dx_offsets, _ = slab_offsets(pid_c, C, N, S, stride_dxn, stride_dxc, stride_dxs,

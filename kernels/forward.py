@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .stats import (channel_pivot, channel_scale, channel_shift, inverse_std, tile_offsets,
-                    update_running_stats)
+from .stats import (channel_pivot, channel_scale, channel_shift, divide, inverse_std,
+                    split_range, tile_offsets, update_running_stats)
 
 
 @triton.jit
@@ -76,8 +76,7 @@ def normalize_kernel(
     shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
     param = activations.parameter(act_param, act_param_lo, acc_dtype)
 
-    first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, num_tiles)
+    first, last = split_range(split, tiles_per_split, num_tiles, INT64)
     for tile in range(first, last):
         x_offsets, mask = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_xn, stride_xc,
                                        stride_xs, BLOCK_C, BLOCK_S, INT64)
@@ -138,9 +137,10 @@ def forward_slab_kernel(
     pivot = channel_pivot(x_ptr, pid_c, C, stride_xc, BLOCK_C, INT64).to(acc_dtype)
     x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(acc_dtype)
     x = tl.where(mask, x - pivot[:, None, None], 0.0)
-    centre = tl.sum(tl.sum(x, axis=2), axis=1) / M
+    total = tl.zeros([BLOCK_C], acc_dtype) + M
+    centre = divide(tl.sum(tl.sum(x, axis=2), axis=1), total)
     x = tl.where(mask, x - centre[:, None, None], 0.0)
-    var = tl.sum(tl.sum(x * x, axis=2), axis=1) / M
+    var = divide(tl.sum(tl.sum(x * x, axis=2), axis=1), total)
     invstd = inverse_std(var + eps_lo, eps)
     mean = pivot + centre
     tl.store(mean_ptr + c, mean, mask=c_mask)

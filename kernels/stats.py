@@ -20,22 +20,42 @@ import triton.language as tl
 
 
 @triton.jit
+def split_range(split, tiles_per_split, num_tiles, INT64: tl.constexpr):
+    """[first, last): the tiles of split `split`, in int64 when INT64 so that every index
+    derived from a tile number (tile_offsets, tile_values) is formed in 64 bits."""
+    if INT64:
+        split = split.to(tl.int64)
+    first = split * tiles_per_split
+    return first, tl.minimum(first + tiles_per_split, num_tiles)
+
+
+@triton.jit
 def tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_n, stride_c, stride_s,
                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
     """Offsets and mask of tile `tile` of channel block `pid_c`: a [BLOCK_C, BLOCK_S] block.
 
     Tiles are numbered n-major: tile = n·tiles_per_n + j covers s in [j·BLOCK_S, (j+1)·BLOCK_S)
-    of sample n. Offsets are int64 when INT64 (a tensor spans 2³¹ elements or more)."""
+    of sample n. With INT64 (an offset, a channel's padded extent or its value count reaches
+    2³¹, see plan.make_plan) the tile number is widened before anything is formed from it, so
+    no intermediate (n, j·BLOCK_S, s) wraps in 32 bits."""
+    if INT64:
+        tile = tl.cast(tile, tl.int64)  # a tensor on a GPU, a Python int in the interpreter
     n = tile // tiles_per_n
     s = (tile % tiles_per_n) * BLOCK_S + tl.arange(0, BLOCK_S)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     if INT64:
-        n = n.to(tl.int64)
-        s = s.to(tl.int64)
         c = c.to(tl.int64)
     offsets = n * stride_n + c[:, None] * stride_c + s[None, :] * stride_s
     mask = (c[:, None] < C) & (s[None, :] < S)
     return offsets, mask
+
+
+@triton.jit
+def tile_values(tile, tiles_per_n, S, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+    """Values of a channel in tile `tile`: BLOCK_S, or what is left of S in a sample's last."""
+    if INT64:
+        tile = tl.cast(tile, tl.int64)  # a tensor on a GPU, a Python int in the interpreter
+    return tl.minimum(S - (tile % tiles_per_n) * BLOCK_S, BLOCK_S)
 
 
 @triton.jit
@@ -49,41 +69,82 @@ def channel_pivot(x_ptr, pid_c, C, stride_xc, BLOCK_C: tl.constexpr, INT64: tl.c
 
 
 @triton.jit
-def split_counts(splits, tiles_per_split, num_tiles, tiles_per_n, S, BLOCK_S: tl.constexpr):
+def split_counts(splits, tiles_per_split, num_tiles, tiles_per_n, S, BLOCK_S: tl.constexpr,
+                 INT64: tl.constexpr):
     """Number of values each split of a channel covers, for the split indices `splits`.
 
     Split k owns tiles [k·tiles_per_split, min((k+1)·tiles_per_split, num_tiles)); every tile is
     BLOCK_S values except the last one of each sample, which holds S - (tiles_per_n - 1)·BLOCK_S.
-    The tiles t < T that are last of a sample number T // tiles_per_n, hence the closed form."""
+    The tiles t < T that are last of a sample number T // tiles_per_n, hence the closed form.
+    In int64 when INT64: a split's count may pass 2³¹ (S does in the type it arrives in)."""
+    if INT64:
+        splits = splits.to(tl.int64)
     first = splits * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     last = tl.maximum(last, first)
     n_last_tiles = last // tiles_per_n - first // tiles_per_n
-    short = tiles_per_n * BLOCK_S - S
+    short = (BLOCK_S - S % BLOCK_S) % BLOCK_S  # = tiles_per_n·BLOCK_S - S, tiles_per_n = ⌈S/BLOCK_S⌉
     return (last - first) * BLOCK_S - n_last_tiles * short
 
 
 @triton.jit
-def finished_last(tickets_ptr, pid_c, num_splits):
+def finished_last(tickets_ptr, pid_c, num_splits, epoch):
     """Whether this program is the last of the num_splits programs of channel block pid_c to
-    get here. The acq_rel ticket makes the partials the others stored before their tickets
-    visible to the last one; the last one resets the ticket to 0 for the next launch."""
-    ticket = tl.atomic_add(tickets_ptr + pid_c, 1, sem="acq_rel")
-    is_last = ticket == num_splits - 1
+    get here, by an int64 ticket per block: the launch's epoch (from the host, see
+    launch.Tickets) in the high 32 bits, arrivals in the low 32.
+
+    Fast path: one acq_rel atomic add. The word normally holds (epoch, 0), left by the last
+    program of the launch before on this buffer, which writes (epoch + 1, 0). Any other epoch
+    (a poisoned buffer, a stray increment, launches reordered between threads) is stale:
+    the programs that see it claim the word with a compare-and-swap, the first to succeed
+    restarts it at (epoch, 1) and discards the stale count, the others add to it. So a ticket
+    that drifted is right again at the next launch, and this one is right too.
+
+    Ordering: the barrier before the ticket puts every thread's partial stores before the
+    atomic's release; the acq_rel atomics (gpu scope) make them visible to the last program,
+    whose threads read them after the barrier that follows."""
+    tl.debug_barrier()
+    ticket_ptr = tickets_ptr + pid_c
+    base = epoch.to(tl.int64) << 32
+    old = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    stale = (old >> 32) != epoch
+    arrivals = old - base + 1
+    seen = old + 1  # the word after this program's add, if nobody else moved it
+    while stale:
+        claimed = tl.where((seen >> 32) == epoch, seen + 1, base + 1)
+        found = tl.atomic_cas(ticket_ptr, seen, claimed, sem="acq_rel", scope="gpu")
+        stale = found != seen
+        arrivals = claimed - base
+        seen = found
+    is_last = arrivals == num_splits
     if is_last:
-        tl.atomic_xchg(tickets_ptr + pid_c, 0)
+        next_epoch = (epoch.to(tl.int64) + 1) & 2147483647  # 31 bits, as launch.EPOCHS
+        tl.atomic_xchg(ticket_ptr, next_epoch << 32, sem="relaxed", scope="gpu")
+    tl.debug_barrier()
     return is_last
 
 
 @triton.jit
+def divide(numerator, denominator):
+    """numerator / denominator correctly rounded: float32 `/` compiles to an approximate
+    division on NVIDIA (div.full.f32, 2 ulp); div_rn is float32 only, and float64 `/` is
+    already IEEE (div.rn.f64)."""
+    if numerator.dtype == tl.float64:
+        return numerator / denominator
+    else:
+        return tl.math.div_rn(numerator, denominator)
+
+
+@triton.jit
 def inverse_std(var, eps):
-    """invstd = 1/sqrt(var + eps), var in the accumulation dtype, with a correctly rounded
-    square root (tl.sqrt is approximate for float32 on NVIDIA; sqrt_rn is float32 only, and
-    tl.sqrt of float64 is already exact)."""
+    """invstd = 1/sqrt(var + eps), var in the accumulation dtype: a correctly rounded square
+    root, then a correctly rounded division, as CUDA's 1.0f / sqrtf(x) under nvcc's defaults
+    (tl.sqrt is approximate for float32 on NVIDIA; sqrt_rn is float32 only, and tl.sqrt of
+    float64 is already exact)."""
     if var.dtype == tl.float64:
         return 1.0 / tl.sqrt(var + eps)
     else:
-        return 1.0 / tl.sqrt_rn(var + eps)
+        return divide(tl.zeros(var.shape, var.dtype) + 1.0, tl.sqrt_rn(var + eps))
 
 
 @triton.jit
@@ -122,21 +183,22 @@ def update_running_stats(running_mean_ptr, running_var_ptr, num_batches_tracked_
     momentum arrives as a float32 pair (value, remainder): float64 buffers see the float64 value."""
     acc_dtype = mean.dtype
     if MOMENTUM_FROM_COUNT:
-        factor = 1.0 / tl.load(num_batches_tracked_ptr).to(acc_dtype)
+        factor = divide(tl.zeros(mean.shape, acc_dtype) + 1.0,
+                        tl.load(num_batches_tracked_ptr).to(acc_dtype))
     else:
         factor = tl.zeros(mean.shape, acc_dtype) + momentum + momentum_lo
     count = tl.zeros(mean.shape, acc_dtype) + M  # M exactly, in the accumulation type
     running_mean = tl.load(running_mean_ptr + c, mask=c_mask).to(acc_dtype)
     running_var = tl.load(running_var_ptr + c, mask=c_mask).to(acc_dtype)
     running_mean = (1.0 - factor) * running_mean + factor * mean
-    running_var = (1.0 - factor) * running_var + factor * var * (count / (count - 1.0))
+    running_var = (1.0 - factor) * running_var + factor * var * divide(count, count - 1.0)
     tl.store(running_mean_ptr + c, running_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
     tl.store(running_var_ptr + c, running_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["epoch"])
 def batch_stats_kernel(
-    x_ptr, part_mean_ptr, part_m2_ptr, tickets_ptr,
+    x_ptr, part_mean_ptr, part_m2_ptr, tickets_ptr, epoch,
     mean_ptr, invstd_ptr, centre_ptr, var_ptr, running_mean_ptr, running_var_ptr,
     num_batches_tracked_ptr,
     C, S, M, tiles_per_n, num_tiles, tiles_per_split, num_splits,
@@ -158,12 +220,12 @@ def batch_stats_kernel(
     (unrounded, for normalize_kernel), with WRITE_VAR var, and with UPDATE_RUNNING the running
     statistics. x: (N, C, S), any strides, any float dtype. part_*: (C, num_splits); mean,
     invstd, centre, var: (C,), all in the accumulation dtype (float32, float64 for float64
-    x). tickets: int32, one per channel block, zero before the launch and left zero after it."""
+    x). tickets: int64, one per channel block, with this launch's epoch (see finished_last).
+    Divisions are correctly rounded (see divide)."""
     acc_dtype = part_mean_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
-    first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, num_tiles)
+    first, last = split_range(split, tiles_per_split, num_tiles, INT64)
 
     pivot = channel_pivot(x_ptr, pid_c, C, stride_xc, BLOCK_C, INT64).to(acc_dtype)
     count = tl.zeros([BLOCK_C], acc_dtype)  # the same for every channel of the block
@@ -174,14 +236,14 @@ def batch_stats_kernel(
                                      stride_xs, BLOCK_C, BLOCK_S, INT64)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
         x = tl.where(mask, x - pivot[:, None], 0.0)
-        tile_count = tl.minimum(S - (tile % tiles_per_n) * BLOCK_S, BLOCK_S).to(acc_dtype)
-        tile_mean = tl.sum(x, axis=1) / tile_count
+        tile_count = tile_values(tile, tiles_per_n, S, BLOCK_S, INT64).to(acc_dtype)
+        tile_mean = divide(tl.sum(x, axis=1), tile_count)
         centred = tl.where(mask, x - tile_mean[:, None], 0.0)
         tile_m2 = tl.sum(centred * centred, axis=1)
         new_count = count + tile_count
         delta = tile_mean - mean
-        mean += delta * (tile_count / new_count)
-        m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
+        mean += delta * divide(tile_count, new_count)
+        m2 += tile_m2 + delta * delta * divide(count * tile_count, new_count)
         count = new_count
 
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -189,17 +251,18 @@ def batch_stats_kernel(
     tl.store(part_mean_ptr + c * num_splits + split, mean, mask=c_mask)
     tl.store(part_m2_ptr + c * num_splits + split, m2, mask=c_mask)
 
-    if finished_last(tickets_ptr, pid_c, num_splits):
+    if finished_last(tickets_ptr, pid_c, num_splits, epoch):
         k = tl.arange(0, SPLITS_P2)
         part_mask = c_mask[:, None] & (k[None, :] < num_splits)
         part_offsets = c[:, None] * num_splits + k[None, :]
         part_mean = tl.load(part_mean_ptr + part_offsets, mask=part_mask, other=0.0)
         part_m2 = tl.load(part_m2_ptr + part_offsets, mask=part_mask, other=0.0)
-        counts = split_counts(k, tiles_per_split, num_tiles, tiles_per_n, S, BLOCK_S)
+        counts = split_counts(k, tiles_per_split, num_tiles, tiles_per_n, S, BLOCK_S, INT64)
         counts = counts.to(acc_dtype)
-        centre = tl.sum(part_mean * counts[None, :], axis=1) / M
+        total = tl.zeros([BLOCK_C], acc_dtype) + M
+        centre = divide(tl.sum(part_mean * counts[None, :], axis=1), total)
         spread = part_mean - centre[:, None]
-        var = tl.sum(part_m2 + counts[None, :] * spread * spread, axis=1) / M
+        var = divide(tl.sum(part_m2 + counts[None, :] * spread * spread, axis=1), total)
         mean = pivot + centre
         tl.store(mean_ptr + c, mean, mask=c_mask)
         tl.store(invstd_ptr + c, inverse_std(var + eps_lo, eps), mask=c_mask)
