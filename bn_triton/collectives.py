@@ -14,16 +14,14 @@ world size: a loop of torch ops took 40 ATen ops at one rank and 152 at eight.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import triton
 
-from . import launch
+from . import launch, tuning
 from .epilogue import Activation
-from .kernels import merge_statistics_kernel
 from .launch import _float64_pair, _written_in_place
 from .plan import accumulation_dtype
 
@@ -58,11 +56,6 @@ def merge_block_c(C: int) -> int:
     return min(triton.next_power_of_2(C), MERGE_BLOCK_C)
 
 
-def launch_device(device: torch.device):
-    """The device a launch on `device` needs current (the caller's may be another GPU)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def merge_statistics(gathered: torch.Tensor, acc_dtype: torch.dtype,
                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                      num_batches_tracked: Optional[torch.Tensor], momentum: float
@@ -79,18 +72,19 @@ def merge_statistics(gathered: torch.Tensor, acc_dtype: torch.dtype,
     block_c = merge_block_c(C)
     update = running_mean is not None
     stride_gw, stride_gs, stride_gc = gathered.stride()
-    with launch_device(gathered.device), _written_in_place(running_mean) as running_mean, \
+    with _written_in_place(running_mean) as running_mean, \
             _written_in_place(running_var) as running_var:
         # enable_fp_fusion=False: no FMA contraction, so a GPU rounds every product and sum
         # as the interpreter and a loop of torch ops do (kernels/merge.py).
-        merge_statistics_kernel[(triton.cdiv(C, block_c),)](
-            gathered_ptr=gathered, mean_ptr=mean, var_ptr=var, count_ptr=count,
+        tuning.launch(
+            "merge_statistics_kernel", (triton.cdiv(C, block_c),), MERGE_NUM_WARPS,
+            gathered.device, gathered_ptr=gathered, mean_ptr=mean, var_ptr=var, count_ptr=count,
             running_mean_ptr=running_mean, running_var_ptr=running_var,
             num_batches_tracked_ptr=num_batches_tracked if update else None,
             C=C, world=gathered.shape[0], **_float64_pair("momentum", momentum),
             stride_gw=stride_gw, stride_gs=stride_gs, stride_gc=stride_gc, BLOCK_C=block_c,
             UPDATE_RUNNING=update, MOMENTUM_FROM_COUNT=update and num_batches_tracked is not None,
-            num_warps=MERGE_NUM_WARPS, enable_fp_fusion=False)
+            enable_fp_fusion=False)
     return mean, var, count
 
 

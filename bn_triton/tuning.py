@@ -1,84 +1,136 @@
-"""Which configuration runs each kernel: triton.autotune on a GPU, a fixed heuristic elsewhere.
+"""Which configuration runs each kernel, and the one place kernels are launched.
 
-`LAUNCHERS[name]` is the kernel `name` as launch.py calls it, and `launch` starts it with the
-heuristic warps where no autotuner runs.
+`launch(name, grid, num_warps, device, **arguments)` starts kernel `name` on `device`, under
+that device's guard (Triton launches on the current device and its current stream, so a tensor
+on cuda:1 while cuda:0 is current would otherwise be launched on the wrong GPU), either with
+the heuristic num_warps or through triton.autotune.
+
+What may be tuned: only what leaves a kernel's bits unchanged. num_warps sets the layout of a
+tile over threads, and tl.sum's combine tree follows the layout, so a kernel that reduces
+(statistics, the backward sums, the slabs) would give different bits for different configs:
+the same input in two processes, or on two ranks, could normalize differently. Those kernels
+run their heuristic warps, always. The streaming kernels (normalize, input_grad) compute each
+element alone, so their warps are tuned. num_stages is not: the tile loops are not software
+pipelined, and stages 2 and 3 compile to the same code.
+
+When the autotuner runs (BN_TRITON_AUTOTUNE):
+  unset  on a GPU; under Triton's interpreter the heuristic (there is nothing to time);
+  "1"    always, under the interpreter too, each config timed by one run (tests, CPU checks);
+  "0"    never.
+A tuned kernel gets one triton.autotune per device (the best config of an H100 need not be an
+A100's, and the Autotuner keys its cache on arguments only), and every call of it holds that
+autotuner's lock: the Autotuner keeps a call's arguments on itself while it benchmarks, so two
+threads tuning the same key at once (nn.DataParallel's replicas on their first step) would
+otherwise mix their calls.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, Optional, Sequence
+import threading
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
+import torch
 import triton
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import kernels
 
-# Warps of a split-path program where no autotuner picks them (slab programs: Plan.slab_num_warps).
+# Warps of a split-path program (slab programs: Plan.slab_num_warps): 16 tile values a thread.
 NUM_WARPS = 4
-# Autotune configs of a slab kernel hold at most this many values a thread per live tensor
-# (more spill): forward, backward.
-MAX_SLAB_VALUES_PER_THREAD = {"forward_slab_kernel": 64, "backward_slab_kernel": 32}
-# Autotuning, on a GPU only: the warps (and pipelining stages) of each kernel, keyed on its tile
-# shape and split count, which bucket (M, C, layout), and on the dtypes (Triton adds those).
-# Tile shapes stay with the plan: they set the grid, and the traffic model counts on them.
-# A kernel that updates the running statistics is tuned with restore_value, so benchmarking
-# its configs leaves one update, not one per trial; the tickets need nothing (every run
-# leaves them zeroed). Under the interpreter, or with BN_TRITON_AUTOTUNE=0, the fixed
-# heuristic (NUM_WARPS, Plan.slab_num_warps) runs instead: autotuning there has nothing to time.
+# The kernels the autotuner may configure, and over what: warps only (see the module docstring).
+# Keyed on the tile shape, the split count and the offset width, which bucket (M, C, layout);
+# Triton adds the dtypes.
 SPLIT_KEY = ["BLOCK_C", "BLOCK_S", "num_splits", "INT64"]
-SLAB_KEY = ["BLOCK_C", "BLOCK_N", "BLOCK_S", "INT64"]
-SPLIT_CONFIGS = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3)]
-SLAB_CONFIGS = [triton.Config({}, num_warps=w) for w in (8, 16)]
-RUNNING = ["running_mean_ptr", "running_var_ptr"]
-TUNING = {  # kernel name -> (key, configs, restore_value)
-    "batch_stats_kernel": (SPLIT_KEY, SPLIT_CONFIGS, RUNNING),
-    "normalize_kernel": (SPLIT_KEY, SPLIT_CONFIGS, []),
-    "forward_slab_kernel": (SLAB_KEY, SLAB_CONFIGS, RUNNING),
-    "dy_sums_kernel": (SPLIT_KEY, SPLIT_CONFIGS, []),
-    "input_grad_kernel": (SPLIT_KEY, SPLIT_CONFIGS, []),
-    "backward_slab_kernel": (SLAB_KEY, SLAB_CONFIGS, []),
+TUNED_CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 8)]
+TUNING = {  # kernel name -> (key, configs)
+    "normalize_kernel": (SPLIT_KEY, TUNED_CONFIGS),
+    "input_grad_kernel": (SPLIT_KEY, TUNED_CONFIGS),
 }
+KERNELS = ("batch_stats_kernel", "normalize_kernel", "forward_slab_kernel", "dy_sums_kernel",
+           "input_grad_kernel", "backward_slab_kernel", "merge_statistics_kernel")
 
 
-def candidate_configs(name: str, configs: Sequence[triton.Config], meta: dict) -> list:
-    """The configs of kernel `name` worth timing for a launch with constexprs `meta`: for a
-    slab kernel, those whose threads hold at most MAX_SLAB_VALUES_PER_THREAD values each (the
-    widest config stays if none does)."""
-    if name not in MAX_SLAB_VALUES_PER_THREAD:
-        return list(configs)
-    values = meta["BLOCK_C"] * meta["BLOCK_N"] * meta["BLOCK_S"]
-    kept = [config for config in configs
-            if values // (32 * config.num_warps) <= MAX_SLAB_VALUES_PER_THREAD[name]]
-    return kept or [max(configs, key=lambda config: config.num_warps)]
+def run_once(kernel_call: Callable, quantiles=None):
+    """A stand-in for Triton's benchmarker: runs the config once, calls every config equally
+    fast (so the first config wins). What BN_TRITON_AUTOTUNE=1 times with where no GPU is."""
+    kernel_call()
+    return [1.0, 1.0, 1.0] if quantiles else 1.0
 
 
-def tuned(name: str, do_bench: Optional[Callable] = None):
-    """Kernel `name` wrapped in triton.autotune over its TUNING entry (do_bench: Triton's
-    own benchmarker when None), timing only its candidate_configs."""
-    key, configs, restore_value = TUNING[name]
-
-    def prune(configs, named_args, **meta):
-        return candidate_configs(name, configs, {**named_args, **meta})
-
-    return triton.autotune(configs=configs, key=key, restore_value=restore_value,
-                           prune_configs_by={"early_config_prune": prune},
-                           do_bench=do_bench)(getattr(kernels, name))
+def tuned(name: str, do_bench: Optional[Callable] = None) -> Autotuner:
+    """Kernel `name` wrapped in triton.autotune over its TUNING entry (do_bench: Triton's own
+    benchmarker when None)."""
+    key, configs = TUNING[name]
+    return triton.autotune(configs=configs, key=key, do_bench=do_bench)(getattr(kernels, name))
 
 
-def _launchers() -> dict:
+def autotuning() -> Tuple[bool, Optional[Callable]]:
+    """(whether the autotuner runs, the benchmarker it times with) under BN_TRITON_AUTOTUNE."""
+    setting = os.environ.get("BN_TRITON_AUTOTUNE")
+    if setting == "0":
+        return False, None
     interpreted = isinstance(kernels.normalize_kernel, InterpretedFunction)
-    if interpreted or os.environ.get("BN_TRITON_AUTOTUNE") == "0":
-        return {name: getattr(kernels, name) for name in TUNING}
-    return {name: tuned(name) for name in TUNING}
+    if setting == "1":
+        return True, run_once if interpreted else None
+    return not interpreted, None
 
 
-LAUNCHERS = _launchers()
+class TunedKernel:
+    """A kernel of TUNING as launched: one triton.autotune per device, each behind its lock."""
+
+    def __init__(self, name: str, do_bench: Optional[Callable] = None):
+        self.name = name
+        self.do_bench = do_bench
+        self.autotuners: Dict[torch.device, Autotuner] = {}
+        self.locks: Dict[torch.device, threading.Lock] = {}
+        self._guard = threading.Lock()  # creates autotuners and locks
+
+    def for_device(self, device: torch.device) -> Tuple[Autotuner, threading.Lock]:
+        autotuner = self.autotuners.get(device)
+        if autotuner is None:
+            with self._guard:
+                if device not in self.autotuners:
+                    self.locks[device] = threading.Lock()
+                    self.autotuners[device] = tuned(self.name, self.do_bench)
+                autotuner = self.autotuners[device]
+        return autotuner, self.locks[device]
+
+    def __call__(self, grid, device: torch.device, arguments: dict) -> None:
+        autotuner, lock = self.for_device(device)
+        with lock:
+            autotuner[grid](**arguments)
 
 
-def launch(name: str, grid, num_warps: int, **arguments) -> None:
-    """Launch kernel `name`: the autotuner picks warps and stages where it runs, the heuristic
-    num_warps elsewhere."""
+def make_launchers(tune: Optional[bool] = None, do_bench: Optional[Callable] = None) -> dict:
+    """name -> the kernel itself (heuristic warps) or its TunedKernel; `tune` and `do_bench`
+    default to what BN_TRITON_AUTOTUNE says (see autotuning)."""
+    if tune is None:
+        tune, do_bench = autotuning()
+    return {name: TunedKernel(name, do_bench) if tune and name in TUNING
+            else getattr(kernels, name) for name in KERNELS}
+
+
+LAUNCHERS = make_launchers()
+
+
+def device_guard(device: torch.device):
+    """The context every launch runs in: `device` made current (and with it its current
+    stream, the one Triton launches on and the tickets are kept for), as Inductor's
+    launchers do. Nothing for the CPU, where the interpreter runs."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def launch(name: str, grid: Sequence[int], num_warps: int, device: torch.device,
+           **arguments) -> None:
+    """Launch kernel `name` over `grid` on `device`: the autotuner picks the warps where it runs
+    (TunedKernel), the heuristic num_warps elsewhere."""
     kernel = LAUNCHERS[name]
-    options = {} if isinstance(kernel, Autotuner) else {"num_warps": num_warps}
-    kernel[grid](**arguments, **options)
+    with device_guard(device):
+        if isinstance(kernel, TunedKernel):
+            kernel(grid, device, arguments)
+        else:
+            kernel[grid](**arguments, num_warps=num_warps)
