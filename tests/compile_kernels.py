@@ -143,6 +143,38 @@ def global_accesses(ptx: str) -> Dict[str, Any]:
     return out
 
 
+_ATOMIC = re.compile(r"^\s*(?:@!?%p\d+\s+)?(atom\.[\w.]+)\s")
+_BARRIER = re.compile(r"^\s*(?:bar|barrier)\.sync\b")
+
+
+def ticket_ordering(ptx: str) -> Dict[str, Any]:
+    """The split kernels' ticket (kernels/stats.finished_last) as compiled: every atomic's
+    opcode, and whether a CTA barrier stands between the last global store before the first
+    atomic (the partials) and that atomic, and again after it."""
+    lines = ptx.splitlines()
+    atomics = [(i, m.group(1)) for i, line in enumerate(lines) if (m := _ATOMIC.match(line))]
+    out: Dict[str, Any] = {"atomics": [op for _, op in atomics], "barrier_before_ticket": None,
+                           "barrier_after_ticket": None}
+    if not atomics:
+        return out
+    first = atomics[0][0]
+    stores = [i for i, line in enumerate(lines[:first]) if (m := _GLOBAL.match(line))
+              and m.group(2) == "st"]
+    after_stores = stores[-1] if stores else 0
+    out["barrier_before_ticket"] = any(_BARRIER.match(line)
+                                       for line in lines[after_stores:first])
+    out["barrier_after_ticket"] = any(_BARRIER.match(line) for line in lines[first:])
+    return out
+
+
+def divisions(ptx: str) -> Dict[str, int]:
+    """Floating-point divisions and reciprocals by opcode ("div.rn.f32": 3, ...)."""
+    counts: Dict[str, int] = {}
+    for m in re.finditer(r"\b((?:div|rcp)\.[\w.]+)\s", ptx):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
+
+
 # ----------------------------------------------------------------------- recording launches
 def _meta_tensor(torch, shape, dtype, layout: str = "contiguous", offset: int = 0):
     """A meta tensor of `shape` in `layout` ("contiguous" or "channels_last"), `offset`
@@ -233,6 +265,9 @@ def specialize(fn, args: tuple, kwargs: dict) -> Dict[str, Any]:
     for index, p in enumerate(params):
         name = p.name
         value = values[name] if name in values else p.default
+        if p.do_not_specialize and type(value) is int:  # @jit(do_not_specialize=[...]): a
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"  # plain integer
+            continue
         if p.is_constexpr or value is None or (type(value) is int and value == 1):
             signature[name] = "constexpr"
             constexprs[name] = value
@@ -269,7 +304,8 @@ def compile_job(job: Tuple[str, Dict[str, Any], int, Optional[str]]) -> Dict[str
         compiled = compile_kernel(fn, dict(spec["signature"]), dict(spec["constexprs"]), attrs,
                                   cc, dict(spec["options"]))
         ptx = compiled.asm["ptx"]
-        result = {"ok": True, **run_ptxas(ptx, cc), **global_accesses(ptx)}
+        result = {"ok": True, **run_ptxas(ptx, cc), **global_accesses(ptx),
+                  **ticket_ordering(ptx), "divisions": divisions(ptx)}
     except Exception as exc:  # reported per case by the test
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     if dump_dir:
@@ -301,9 +337,8 @@ def main() -> None:
             if scenario.get("all_configs"):
                 # Every config the GPU autotuner may pick (tuning.TUNING), for sm_90.
                 from bn_triton import tuning
-                configs = tuning.TUNING[spec["kernel"]][1]
-                for config in tuning.candidate_configs(spec["kernel"], configs,
-                                                    spec["constexprs"]):
+                _, configs = tuning.TUNING.get(spec["kernel"], (None, []))
+                for config in configs:
                     options = dict(spec["options"], num_warps=config.num_warps,
                                    num_stages=config.num_stages)
                     variant = dict(spec, options=options)

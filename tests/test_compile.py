@@ -193,6 +193,41 @@ FUSED = [
 ]
 SCENARIOS += FUSED
 
+# ResNet-50 at batch 256, last stage: the fullest backward slabs with scalar rows (7x7 maps,
+# N·S padded = 256·64 = 16384). They spilled 4 to 32 bytes before x and dy shared offsets.
+SCENARIOS += [scenario("resnet50-b256-2048x7x7-float32", (256, 2048, 7, 7), "float32", BOTH),
+              scenario("resnet50-b256-512x7x7-bfloat16", (256, 512, 7, 7), "bfloat16", BOTH)]
+
+
+def gpu_check_scenarios():
+    """The kernel cases benchmarks.gpu_check times on the GPU (bf16 and fp32, training forward
+    and backward, eval; the fused relu + residual cases), as compile scenarios for sm_90 (the
+    H200 it runs on)."""
+    from benchmarks import cases, gpu_check
+
+    by_label = {case.label: case for case in cases.CASES}
+    dtypes = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+    out = []
+    for label in gpu_check.KERNEL_CASES:
+        case = by_label[label]
+        layout = "channels_last" if case.layout == "channels_last" else "contiguous"
+        for short in gpu_check.KERNEL_DTYPES:
+            name = f"gpu-check-{label.replace('/', '-')}-{short}"
+            out.append(scenario(name, case.shape, dtypes[short], SM90, layout=layout,
+                                dy_layout=layout))
+            out.append(scenario(name + "-eval", case.shape, dtypes[short], SM90, layout=layout,
+                                dy_layout=layout, training=False))
+    for label in gpu_check.FUSED_CASES:
+        case = by_label[label]
+        layout = "channels_last" if case.layout == "channels_last" else "contiguous"
+        out.append(scenario(f"gpu-check-fused-{label.replace('/', '-')}", case.shape,
+                            "bfloat16", SM90, layout=layout, dy_layout=layout,
+                            residual_layout=layout, activation="relu", residual=True))
+    return out
+
+
+SCENARIOS += gpu_check_scenarios()
+
 CASES = [(s, cc) for s in SCENARIOS for cc in s["targets"]]
 STREAMING = {"batch_stats_kernel", "normalize_kernel", "dy_sums_kernel", "input_grad_kernel"}
 STORES_IN_LOOP = {"normalize_kernel", "input_grad_kernel"}
@@ -383,3 +418,42 @@ def test_tile_loops_use_128_bit_accesses_on_sm90(compiled, s):
                 f"stores in the tile loop are {r['loop_st']} (bits: count), not all 128-bit: "
                 f"{where}")
     assert checked, f"{s['name']}: no launch with a tile loop to check"
+
+
+TICKETED = {"batch_stats_kernel", "dy_sums_kernel"}
+
+
+def test_tickets_are_ordered_by_barriers_and_gpu_scope_acq_rel_atomics(compiled):
+    """Every split specialization's ticket (kernels/stats.finished_last), as compiled: the
+    partial stores, then a CTA barrier, then gpu-scope acq_rel atomics (add, and the
+    compare-and-swap of a stale word), a barrier after; nothing else is atomic but the
+    relaxed reset."""
+    checked = 0
+    for key, spec in compiled["specs"].items():
+        if spec["kernel"] not in TICKETED:
+            continue
+        for cc, r in compiled["results"][key].items():
+            assert r["ok"], f"{key} sm_{cc}: {r.get('error')}"
+            kinds = {op.split(".")[-2]: op for op in r["atomics"]}
+            assert set(kinds) == {"add", "cas", "exch"}, f"{key} sm_{cc}: {r['atomics']}"
+            for kind in ("add", "cas"):
+                assert ".gpu" in kinds[kind] and ".acq_rel" in kinds[kind], kinds[kind]
+            assert r["barrier_before_ticket"] and r["barrier_after_ticket"], f"{key} sm_{cc}"
+            checked += 1
+    assert checked
+
+
+def test_no_approximate_division(compiled):
+    """Statistics, running statistics and their ratios divide correctly rounded
+    (kernels/stats.divide): no div.full / div.approx / rcp.approx of float32 outside an
+    activation's own approximation."""
+    checked = 0
+    for key, spec in compiled["specs"].items():
+        if spec["constexprs"].get("ACTIVATION", "identity") not in ("identity", "relu"):
+            continue
+        for cc, r in compiled["results"][key].items():
+            approximate = {op: n for op, n in r["divisions"].items()
+                           if op.endswith(".f32") and ("full" in op or "approx" in op)}
+            assert not approximate, f"{key} sm_{cc}: {approximate}"
+            checked += 1
+    assert checked
