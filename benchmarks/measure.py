@@ -31,6 +31,7 @@ from .cases import (DTYPES, MIN_BYTES, MIN_BYTES_RESIDUAL, TWO_PASS_BYTES, Case,
                     interpreter_shape, make_tensor, regime, values_per_channel)
 
 PROVIDERS = ("bn_triton", "torch", "torch.compile", "flag_gems")
+DO_BENCH_TIMING = "triton.testing.do_bench: CUDA events around each call, L2 flushed"
 BASELINES = ("torch", "torch.compile", "flag_gems")
 
 # Peak DRAM bandwidth by GPU name, GB/s (vendor figures). Other GPUs report n/a.
@@ -262,10 +263,11 @@ def make_step(mode: str, module: nn.Module, x: torch.Tensor, dy: torch.Tensor
 def time_case(case: Case, dtype_name: str, providers: Sequence[str], modes: Sequence[str],
               warmup_ms: int = 10, rep_ms: int = 50, timer: Optional[Callable] = None,
               device: str = "cuda", residual_relu: bool = False) -> List[dict]:
-    """One row per (provider, mode): median time (ms) and 20/80% quantiles from do_bench, GB/s
-    under MIN_BYTES (MIN_BYTES_RESIDUAL for relu(BN(x) + residual)), and setup_s: the wall
-    time of the two untimed first calls (compilation, autotuning, allocation), reported apart.
-    A provider that fails gets a row with its error instead."""
+    """One row per (provider, mode): median time (ms) and 20/80% quantiles from `timer`
+    (do_bench by default; a timer may return a fourth element, how it timed, which the row
+    keeps as "timing"), GB/s under MIN_BYTES (MIN_BYTES_RESIDUAL for relu(BN(x) + residual)),
+    and setup_s: the wall time of the two untimed first calls (compilation, autotuning,
+    allocation), reported apart. A provider that fails gets a row with its error instead."""
     from triton.testing import do_bench
 
     timer = timer or (lambda fn, grad_to_none: do_bench(
@@ -300,13 +302,15 @@ def time_case(case: Case, dtype_name: str, providers: Sequence[str], modes: Sequ
                                 t.grad = None
                     _synchronize(device)
                     setup_s = time.perf_counter() - start
-                    ms, ms_lo, ms_hi = timer(fn, grad_to_none)
+                    timed = timer(fn, grad_to_none)
+                    ms, ms_lo, ms_hi = timed[:3]
                     gbs = minimum[mode] * numel * size / (ms * 1e-3) / 1e9
                     rows.append(dict(case=case.label, name=case.name, layout=case.layout_name,
                                      dtype=dtype_name, shape=list(case.shape), M=case.M,
                                      regime=case.regime, provider=provider, mode=mode,
                                      variant=variant,
                                      ms=ms, ms_q20=ms_lo, ms_q80=ms_hi, gbs=gbs,
+                                     timing=timed[3] if len(timed) > 3 else DO_BENCH_TIMING,
                                      setup_s=round(setup_s, 3)))
         except Exception as error:  # noqa: BLE001 - one provider's failure is a result
             rows.append(dict(case=case.label, dtype=dtype_name, provider=provider,
