@@ -21,8 +21,11 @@ setup(
     # expecttest: torch.testing._internal, whose OpInfo/ModuleInfo samples the parity tests
     # run, imports it.
     # tqdm: the progress bars of the experiments and of benchmarks.gpu_check.
-    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib",
-                             "expecttest", "tqdm"],
+    # pytest-xdist: `pytest -n auto` runs the suite on every core. Its tests are single-threaded
+    # Python under the interpreter, so 2 cores take it in about half the time; tests/conftest.py
+    # keeps test_compile.py's tests on one worker and splits the cores' threads among them.
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist", "scikit-learn",
+                             "matplotlib", "expecttest", "tqdm"],
                     # benchmarks/: pytest-benchmark files and `python -m benchmarks`' charts
                     "bench": ["matplotlib", "pytest-benchmark", "tqdm"],
                     # python -m bn_triton.experiments: the bundled digits data set, the plots
