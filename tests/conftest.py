@@ -10,12 +10,47 @@ DEVICE = os.environ.get("BN_TRITON_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Under pytest-xdist (-n N) each worker takes its share of the cores for torch's intra-op
+# threads, and so do the processes its tests start (the sync ranks, the compile pool, the
+# commands run end to end): N workers with every core's threads each oversubscribe the
+# machine (on 2 cores, -n 2 spent about 10% more CPU time with torch's default threads).
+# Set before torch is imported; an OMP_NUM_THREADS already set wins.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(
+        1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from bn_triton.check import STAT_TOLERANCES, TOLERANCES  # noqa: E402  (one table)
+
+
+# Modules whose tests must all run on one xdist worker: test_compile.py's module-scoped
+# `compiled` fixture compiles every kernel for sm_80 and sm_90 (minutes of CPU), once per worker
+# that runs any of the module's tests.
+ONE_WORKER_MODULES = {"test_compile.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`-n N` alone (--dist load) deals the tests out one at a time, fastest to balance; this
+    does the same but deals each module of ONE_WORKER_MODULES out whole, and first (xdist
+    orders work units by size). Any other --dist is left as given."""
+    if config.getvalue("dist") != "load":
+        return None
+    try:
+        from xdist.scheduler import LoadScopeScheduling
+    except ImportError:  # another xdist: its own --dist load
+        return None
+
+    class TestsAloneModulesWhole(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if os.path.basename(path) in ONE_WORKER_MODULES else nodeid
+
+    return TestsAloneModulesWhole(config, log)
 
 
 def tolerance(dtype: torch.dtype) -> dict:
