@@ -346,8 +346,9 @@ def stage_tests(run: Run) -> dict:
     tally counts what finished."""
     dry = run.args.dry_run
     selection = TESTS_DRY if dry else TESTS_GPU
-    command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--tb=line",
-               "-o", "console_output_style=classic", *selection]
+    command = [sys.executable, *(("-c", PYTEST_WITH_FIX) if dry else ("-m", "pytest")), "-v",
+               "-p", "no:cacheprovider", "--tb=line", "-o", "console_output_style=classic",
+               *selection]
     if dry:
         command += ["-k", TESTS_DRY_K]
     # The fixed launch heuristic: the tests count launches, which the autotuner's timing runs
@@ -695,6 +696,48 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+INDEX_FIX = ("triton's interpreter: a scalar's __index__ as int(data.squeeze()), triton 3.9's "
+             "own form, for NumPy >= 2.4 (triton < 3.9 calls int() on the one-element array "
+             "that holds every scalar, which NumPy 2.4 refuses)")
+
+
+def fix_interpreter() -> Optional[str]:
+    """Where this NumPy refuses int() of a one-element array (2.4 and later) and this triton's
+    interpreter still converts scalars that way (3.6; 3.9 squeezes first), make its patch of
+    tl.tensor.__index__ squeeze as 3.9's does. Without it, every `range(first, last)` over
+    kernel arguments or program ids raises TypeError under the interpreter: the split kernels'
+    tile loops (kernels/stats.py, forward.py, backward.py), so the dry run's split cases, sync
+    and tests fail. Nothing changes elsewhere; returns what was done (None: nothing)."""
+    import inspect
+
+    import numpy
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_bn_triton_index_fix", False):
+        return INDEX_FIX
+    try:
+        int(numpy.array([1]))
+        return None  # NumPy < 2.4
+    except TypeError:
+        pass
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or "int(self.handle.data)" not in inspect.getsource(patch):
+        return None  # an interpreter that converts otherwise (3.9: squeezed)
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._bn_triton_index_fix = True
+    return INDEX_FIX
+
+
+# The dry run's pytest child: the same fix before the tests run.
+PYTEST_WITH_FIX = ("import sys; from benchmarks.gpu_check import fix_interpreter; "
+                   "fix_interpreter(); import pytest; sys.exit(int(pytest.main(sys.argv[1:])))")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.dry_run:
@@ -702,6 +745,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise SystemExit("--dry-run: triton was imported before TRITON_INTERPRET=1 was set")
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
         args.device = "cpu"
+        args.interpreter_fix = fix_interpreter()
     else:
         import torch
 
@@ -709,6 +753,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise SystemExit("no CUDA device: run on a GPU machine, or pass --dry-run")
         args.device = "cuda"
     run = Run(args)
+    run.results["interpreter_fix"] = getattr(args, "interpreter_fix", None)
     try:
         return run_stages(run)
     finally:

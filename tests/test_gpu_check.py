@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from benchmarks import gpu_check, model_step
 
@@ -257,3 +259,23 @@ def test_pytest_collecting_nothing_fails_the_run(tmp_path, monkeypatch):
     assert result["tests"]["returncode"] == 4 and result["tests"]["passed"] == 0, result["tests"]
     assert "tests: pytest returned 4" in result["verdict"]["reasons"]
 
+
+@triton.jit
+def _copy_two_tiles(x_ptr, y_ptr, num_tiles, BLOCK: tl.constexpr):
+    first = tl.program_id(0) * 2
+    for tile in range(first, tl.minimum(first + 2, num_tiles)):  # as the split kernels loop
+        offsets = tile * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offsets, tl.load(x_ptr + offsets))
+
+
+def test_the_interpreter_loops_over_program_ids(device):
+    """What NumPy 2.4 breaks in triton 3.6's interpreter (int() of the one-element array a
+    scalar is), and gpu_check.fix_interpreter mends for the dry run: a loop whose bounds come
+    from the program id. Passes untouched where there is nothing to mend."""
+    if device != "cpu":
+        pytest.skip("the interpreter's")
+    gpu_check.fix_interpreter()
+    x = torch.arange(5 * 8, dtype=torch.float32)
+    y = torch.zeros_like(x)
+    _copy_two_tiles[(3,)](x, y, 5, BLOCK=8)
+    assert torch.equal(x, y)
