@@ -503,7 +503,10 @@ def stage_kernels(run: Run) -> dict:
 def stage_model(run: Run) -> dict:
     from . import model_step
 
+    # The dry run times one step a variant: the interpreter's speed is no result, and each of
+    # its steps costs about a second.
     return model_step.run(run.args.dry_run, run.args.device,
+                          timed_steps=1 if run.args.dry_run else 5,
                           deadline=time.monotonic() + run.left(), log=run.log)
 
 
