@@ -204,11 +204,15 @@ def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.de
         strides = [(0, stride_c, stride_s) for _, stride_c, stride_s in strides]
     contiguous = [stride_c == 1 and stride_s != 1 for _, stride_c, stride_s in strides]
     channels_contiguous = contiguous[0]
-    if max_slab is not None and len(set(contiguous)) > 1:
+    if len(set(contiguous)) > 1:
         # Tensors that run along different dims (x channels_last, dy contiguous, say) meet in
         # registers through a layout conversion in shared memory, which needs registers of its
-        # own: half the slab (a full one spills).
-        max_slab //= 2
+        # own: half the slab (a full one spills). In a split tile one of them loads as scalars
+        # at stride C, each value with its own address: half a tile too (a full one spilled
+        # 4 bytes in dy_sums_kernel on sm_80 under Triton 3.6).
+        max_tile //= 2
+        if max_slab is not None:
+            max_slab //= 2
     slab = (slab_shape(N, C, S, channels_contiguous, element_size, max_slab)
             if max_slab is not None else None)
     if slab is not None:
