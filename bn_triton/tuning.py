@@ -17,15 +17,37 @@ When the autotuner runs (BN_TRITON_AUTOTUNE):
   unset  on a GPU; under Triton's interpreter the heuristic (there is nothing to time);
   "1"    always, under the interpreter too, each config timed by one run (tests, CPU checks);
   "0"    never.
+On a GPU each config is timed by quick_bench: do_bench for BENCH_REP_MS.
 A tuned kernel gets one triton.autotune per device (the best config of an H100 need not be an
 A100's, and the Autotuner keys its cache on arguments only), and every call of it holds that
 autotuner's lock: the Autotuner keeps a call's arguments on itself while it benchmarks, so two
 threads tuning the same key at once (nn.DataParallel's replicas on their first step) would
 otherwise mix their calls.
+
+What is tuned, and how often: a key is the tile (BLOCK_C, BLOCK_S), the offset width (INT64)
+and, as Triton adds, every tensor's dtype; not the split count, which make_plan sets per layer
+to fill the GPU (~PROGRAMS_PER_SM programs an SM) whatever the tile, so that one ResNet-50
+step times a few keys, not one per layer (benchmarks/coldstart.py counts them). A config is
+timed only where it can differ (surviving_configs): 8 warps over a tile of fewer than
+8·32·MIN_VALUES_PER_THREAD values leave threads holding copies of each other's values, and a
+key with one surviving config runs it untimed (Triton 3.9 skips timing a lone pruned config,
+3.6 does not: TunedKernel launches it directly).
+
+Autotune results on disk (BN_TRITON_AUTOTUNE_CACHE):
+  unset, "1"  kept with triton.autotune(cache_results=True) in Triton's cache (TRITON_CACHE_DIR,
+              default ~/.triton/cache), so that a new process whose caches are warm times
+              nothing, as it compiles nothing;
+  "0"         kept in memory only (TRITON_CACHE_AUTOTUNING=1 still turns Triton's own on).
+Triton (3.6 to 3.9) keys an entry on its own version and source hash, the GPU target (arch and
+ptxas version), the kernel's source hash, its cache-invalidating environment, the tuning key
+and the text of the configs timed. The configs here end their text in namespace(device), this
+package's version and the GPU's name (an H100 and an H200 are both sm_90), so that neither a
+different Triton, GPU nor bn_triton reuses an entry. Under the interpreter Triton keeps none.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -40,16 +62,88 @@ from . import kernels
 # Warps of a split-path program (slab programs: Plan.slab_num_warps): 16 tile values a thread.
 NUM_WARPS = 4
 # The kernels the autotuner may configure, and over what: warps only (see the module docstring).
-# Keyed on the tile shape, the split count and the offset width, which bucket (M, C, layout);
-# Triton adds the dtypes.
-SPLIT_KEY = ["BLOCK_C", "BLOCK_S", "num_splits", "INT64"]
+# Keyed on the tile shape and the offset width, which bucket (M, C, layout); Triton adds the
+# dtypes (see the module docstring for why not the split count).
+SPLIT_KEY = ["BLOCK_C", "BLOCK_S", "INT64"]
 TUNED_CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 8)]
 TUNING = {  # kernel name -> (key, configs)
     "normalize_kernel": (SPLIT_KEY, TUNED_CONFIGS),
     "input_grad_kernel": (SPLIT_KEY, TUNED_CONFIGS),
 }
+# Tile values a thread holds at least under a config worth timing: one 128-bit float32 vector.
+MIN_VALUES_PER_THREAD = 4
+# The GPU's time a config (quick_bench). do_bench's defaults, 25 ms of warm-up and 100 ms of
+# runs, make every config timed cost ~0.13 s of a cold step; ResNet-50's BN calls take 10 µs to
+# 1 ms, so 20 ms still gives tens to thousands of runs for do_bench's median.
+BENCH_WARMUP_MS, BENCH_REP_MS = 5, 20
 KERNELS = ("batch_stats_kernel", "normalize_kernel", "forward_slab_kernel", "dy_sums_kernel",
            "input_grad_kernel", "backward_slab_kernel", "merge_statistics_kernel")
+
+
+def tuning_key(name: str, arguments: dict) -> tuple:
+    """The key Triton's Autotuner (3.6 to 3.9) keeps kernel `name`'s choice under for a call
+    with `arguments`: the TUNING key's argument values, then every tensor's dtype."""
+    key, _ = TUNING[name]
+    return tuple([arguments[k] for k in key if k in arguments]
+                 + [str(v.dtype) for v in arguments.values() if hasattr(v, "dtype")])
+
+
+def prune(configs: Sequence[triton.Config], arguments: dict) -> list:
+    """The configs worth timing for a call with `arguments` (its key's values suffice): those
+    whose threads hold at least MIN_VALUES_PER_THREAD values of a [BLOCK_C, BLOCK_S] tile; the
+    first config where none does."""
+    values = arguments["BLOCK_C"] * arguments["BLOCK_S"]
+    kept = [c for c in configs if c.num_warps * 32 * MIN_VALUES_PER_THREAD <= values]
+    return kept or list(configs[:1])
+
+
+def surviving_configs(name: str, arguments: dict) -> list:
+    """prune over kernel `name`'s TUNING configs."""
+    return prune(TUNING[name][1], arguments)
+
+
+def autotune_cache() -> bool:
+    """Whether autotune results are kept on disk (BN_TRITON_AUTOTUNE_CACHE; on unless "0")."""
+    return os.environ.get("BN_TRITON_AUTOTUNE_CACHE") != "0"
+
+
+def namespace(device: torch.device) -> str:
+    """What an autotune entry on disk is keyed on beyond Triton's own key (module docstring):
+    this package's version and the name of `device`'s GPU."""
+    from . import __version__
+    gpu = (torch.cuda.get_device_name(device)
+           if device.type == "cuda" and torch.cuda.is_available() else str(device.type))
+    return f"bn_triton {__version__} on {gpu}"
+
+
+class NamespacedConfig(triton.Config):
+    """A triton.Config whose text, which Triton's autotune cache key includes, ends in its
+    class's `namespace`. Kept on the class, not the instance: Triton writes a config's __dict__
+    to disk and reads it back as triton.Config(**fields)."""
+    namespace = ""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}, {self.namespace}"
+
+
+@functools.lru_cache(maxsize=None)
+def _config_class(name: str) -> type:
+    return type("NamespacedConfig", (NamespacedConfig,), {"namespace": name})
+
+
+def namespaced(configs: Sequence[triton.Config], name: str) -> list:
+    """`configs`, the same settings, their text ending in `name`."""
+    cls = _config_class(name)
+    return [cls(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,
+                num_ctas=c.num_ctas, maxnreg=c.maxnreg, pre_hook=c.pre_hook,
+                ir_override=c.ir_override) for c in configs]
+
+
+def quick_bench(kernel_call: Callable, quantiles=None):
+    """Triton's benchmarker (triton.testing.do_bench, its L2 flush included) with less time a
+    config: BENCH_WARMUP_MS of warm-up, BENCH_REP_MS of timed runs. What the GPU tunes with."""
+    from triton.testing import do_bench
+    return do_bench(kernel_call, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, quantiles=quantiles)
 
 
 def run_once(kernel_call: Callable, quantiles=None):
@@ -59,11 +153,16 @@ def run_once(kernel_call: Callable, quantiles=None):
     return [1.0, 1.0, 1.0] if quantiles else 1.0
 
 
-def tuned(name: str, do_bench: Optional[Callable] = None) -> Autotuner:
-    """Kernel `name` wrapped in triton.autotune over its TUNING entry (do_bench: Triton's own
-    benchmarker when None)."""
+def tuned(name: str, do_bench: Optional[Callable] = None, cache: bool = False,
+          space: str = "") -> Autotuner:
+    """Kernel `name` wrapped in triton.autotune over its TUNING entry, pruned per call (do_bench:
+    Triton's own benchmarker when None; cache: keep results on disk, under the namespace
+    `space`)."""
     key, configs = TUNING[name]
-    return triton.autotune(configs=configs, key=key, do_bench=do_bench)(getattr(kernels, name))
+    return triton.autotune(
+        configs=namespaced(configs, space), key=key, do_bench=do_bench, cache_results=cache,
+        prune_configs_by={"early_config_prune": lambda configs, nargs, **kwargs: prune(
+            configs, {**nargs, **kwargs})})(getattr(kernels, name))
 
 
 def autotuning() -> Tuple[bool, Optional[Callable]]:
@@ -73,16 +172,18 @@ def autotuning() -> Tuple[bool, Optional[Callable]]:
         return False, None
     interpreted = isinstance(kernels.normalize_kernel, InterpretedFunction)
     if setting == "1":
-        return True, run_once if interpreted else None
-    return not interpreted, None
+        return True, run_once if interpreted else quick_bench
+    return (False, None) if interpreted else (True, quick_bench)
 
 
 class TunedKernel:
-    """A kernel of TUNING as launched: one triton.autotune per device, each behind its lock."""
+    """A kernel of TUNING as launched: one triton.autotune per device, each behind its lock; a
+    call with one surviving config launches it untimed."""
 
-    def __init__(self, name: str, do_bench: Optional[Callable] = None):
+    def __init__(self, name: str, do_bench: Optional[Callable] = None, cache: bool = False):
         self.name = name
         self.do_bench = do_bench
+        self.cache = cache
         self.autotuners: Dict[torch.device, Autotuner] = {}
         self.locks: Dict[torch.device, threading.Lock] = {}
         self._guard = threading.Lock()  # creates autotuners and locks
@@ -93,22 +194,31 @@ class TunedKernel:
             with self._guard:
                 if device not in self.autotuners:
                     self.locks[device] = threading.Lock()
-                    self.autotuners[device] = tuned(self.name, self.do_bench)
+                    self.autotuners[device] = tuned(self.name, self.do_bench, self.cache,
+                                                    namespace(device))
                 autotuner = self.autotuners[device]
         return autotuner, self.locks[device]
 
     def __call__(self, grid, device: torch.device, arguments: dict) -> None:
+        configs = surviving_configs(self.name, arguments)
+        if len(configs) == 1:  # nothing to choose, on every Triton release
+            getattr(kernels, self.name)[grid](**arguments, **configs[0].all_kwargs())
+            return
         autotuner, lock = self.for_device(device)
         with lock:
             autotuner[grid](**arguments)
 
 
-def make_launchers(tune: Optional[bool] = None, do_bench: Optional[Callable] = None) -> dict:
+def make_launchers(tune: Optional[bool] = None, do_bench: Optional[Callable] = None,
+                   cache: Optional[bool] = None) -> dict:
     """name -> the kernel itself (heuristic warps) or its TunedKernel; `tune` and `do_bench`
-    default to what BN_TRITON_AUTOTUNE says (see autotuning)."""
+    default to what BN_TRITON_AUTOTUNE says (see autotuning), `cache` to
+    BN_TRITON_AUTOTUNE_CACHE's (autotune_cache)."""
     if tune is None:
         tune, do_bench = autotuning()
-    return {name: TunedKernel(name, do_bench) if tune and name in TUNING
+    if cache is None:
+        cache = autotune_cache()
+    return {name: TunedKernel(name, do_bench, cache) if tune and name in TUNING
             else getattr(kernels, name) for name in KERNELS}
 
 
