@@ -158,11 +158,12 @@ def counts(settings=None) -> Dict[str, Dict[str, Any]]:
     bn_triton is not yet imported with autotuning on; in a subprocess otherwise."""
     settings = list(settings or SETTINGS)
     from_here = (os.environ.get("TRITON_INTERPRET") != "1"
-                 and os.environ.get("BN_TRITON_AUTOTUNE") == "0")
+                 and os.environ.get("BN_TRITON_AUTOTUNE") == "0"
+                 and os.environ.get("BN_TRITON_DIRECT_LAUNCH") == "0")
     if from_here:
         return _counts_here(settings)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["BN_TRITON_AUTOTUNE"] = "0"
+    env.update(BN_TRITON_AUTOTUNE="0", BN_TRITON_DIRECT_LAUNCH="0")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.coldstart", "--json", "--settings",
                            *settings], cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -246,9 +247,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("benchmarks.coldstart compiles: run it without TRITON_INTERPRET=1")
-    os.environ["BN_TRITON_AUTOTUNE"] = "0"  # record the heuristic launches (see record)
+    # Record the heuristic launches (see record), each through JITFunction.run, where the
+    # recorder sits: no launch straight to a compiled kernel (BN_TRITON_DIRECT_LAUNCH).
+    os.environ.update(BN_TRITON_AUTOTUNE="0", BN_TRITON_DIRECT_LAUNCH="0")
     if "bn_triton" in sys.modules:
-        raise SystemExit("bn_triton was imported before BN_TRITON_AUTOTUNE=0 could be set")
+        raise SystemExit("bn_triton was imported before its environment could be set")
     launches = {setting: record(setting) for setting in args.settings}
     results = {setting: count(launches[setting]) for setting in args.settings}
     if args.json:
