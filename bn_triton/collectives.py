@@ -78,13 +78,15 @@ def merge_statistics(gathered: torch.Tensor, acc_dtype: torch.dtype,
         # as the interpreter and a loop of torch ops do (kernels/merge.py).
         tuning.launch(
             "merge_statistics_kernel", (triton.cdiv(C, block_c),), MERGE_NUM_WARPS,
-            gathered.device, gathered_ptr=gathered, mean_ptr=mean, var_ptr=var, count_ptr=count,
+            gathered.device, dict(
+                C=C, world=gathered.shape[0], **_float64_pair("momentum", momentum),
+                stride_gw=stride_gw, stride_gs=stride_gs, stride_gc=stride_gc, BLOCK_C=block_c,
+                UPDATE_RUNNING=update,
+                MOMENTUM_FROM_COUNT=update and num_batches_tracked is not None,
+                enable_fp_fusion=False),
+            gathered_ptr=gathered, mean_ptr=mean, var_ptr=var, count_ptr=count,
             running_mean_ptr=running_mean, running_var_ptr=running_var,
-            num_batches_tracked_ptr=num_batches_tracked if update else None,
-            C=C, world=gathered.shape[0], **_float64_pair("momentum", momentum),
-            stride_gw=stride_gw, stride_gs=stride_gs, stride_gc=stride_gc, BLOCK_C=block_c,
-            UPDATE_RUNNING=update, MOMENTUM_FROM_COUNT=update and num_batches_tracked is not None,
-            enable_fp_fusion=False)
+            num_batches_tracked_ptr=num_batches_tracked if update else None)
     return mean, var, count
 
 

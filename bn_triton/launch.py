@@ -8,6 +8,7 @@ kernels through tuning.launch. No hot path copies a contiguous or channels-last 
 from __future__ import annotations
 
 import contextlib
+import functools
 import struct
 import threading
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -23,6 +24,11 @@ from .tuning import NUM_WARPS, launch
 # Eager ticket buffers, one per (device, stream): see Tickets.
 _TICKETS: Dict[Tuple[torch.device, int], "Tickets"] = {}
 _TICKETS_LOCK = threading.Lock()
+# Plans and launch constants remembered (per shape, strides, flags): about one model's worth
+# of layers many times over; the cache starts again when full.
+CACHED_LAUNCHES = 4096
+_PLANS: Dict[tuple, Tuple[Plan, Dict[str, Strides]]] = {}
+StridesKey = Tuple[Tuple[str, Strides], ...]
 # Ticket epochs live in 31 bits (finished_last keeps them in an int64's high half).
 EPOCHS = 2**31
 
@@ -92,15 +98,33 @@ def _epilogue_args(activation: Activation) -> dict:
     return dict(ACTIVATION=activation.name, **_float64_pair("act_param", activation.param))
 
 
-def _running_args(running_mean, running_var, num_batches_tracked, momentum) -> dict:
-    """The running-update arguments: factor `momentum`, or 1/num_batches_tracked read on the
-    device when num_batches_tracked is given (momentum=None)."""
-    update = running_mean is not None
-    from_count = update and num_batches_tracked is not None
+def _running_flags(momentum: float, update: bool, from_count: bool) -> dict:
+    """The running update's constants: factor `momentum`, or 1/num_batches_tracked read on
+    the device (from_count: momentum=None)."""
+    return dict(**_float64_pair("momentum", momentum), UPDATE_RUNNING=update,
+                MOMENTUM_FROM_COUNT=update and from_count)
+
+
+def _running_ptrs(running_mean, running_var, num_batches_tracked) -> dict:
+    """The running update's tensors: num_batches_tracked only where it gives the factor."""
+    from_count = running_mean is not None and num_batches_tracked is not None
     return dict(running_mean_ptr=running_mean, running_var_ptr=running_var,
-                num_batches_tracked_ptr=num_batches_tracked if from_count else None,
-                **_float64_pair("momentum", momentum), UPDATE_RUNNING=update,
-                MOMENTUM_FROM_COUNT=from_count)
+                num_batches_tracked_ptr=num_batches_tracked if from_count else None)
+
+
+@functools.lru_cache(maxsize=CACHED_LAUNCHES)
+def _grid(plan: Plan) -> Tuple[int, ...]:
+    return plan.grid
+
+
+@functools.lru_cache(maxsize=CACHED_LAUNCHES)
+def _slab_num_warps(plan: Plan) -> int:
+    return plan.slab_num_warps
+
+
+def _key(strides: Dict[str, Strides]) -> StridesKey:
+    """The named strides of a call as a cache key."""
+    return tuple(strides.items())
 
 
 def batch_statistics(x: torch.Tensor, plan: Plan, strides: Dict[str, Strides],
@@ -113,15 +137,24 @@ def batch_statistics(x: torch.Tensor, plan: Plan, strides: Dict[str, Strides],
     part_mean = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=x.device)
     part_m2 = torch.empty_like(part_mean)
     centre = torch.empty_like(mean)
-    ticket_words, epoch = tickets(x.device, plan.grid[0])
-    launch("batch_stats_kernel", plan.grid, NUM_WARPS, x.device, x_ptr=x,
-        part_mean_ptr=part_mean, part_m2_ptr=part_m2, tickets_ptr=ticket_words, epoch=epoch, mean_ptr=mean,
-        invstd_ptr=invstd, centre_ptr=centre, var_ptr=var,
-        **_running_args(running_mean, running_var, num_batches_tracked, momentum),
-        **plan.split_args(), M=plan.M, **_float64_pair("eps", eps), **_strides(strides, "x"),
-        BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2,
-        WRITE_VAR=var is not None, INT64=plan.INT64)
+    ticket_words, epoch = tickets(x.device, _grid(plan)[0])
+    constants = _batch_stats_constants(
+        plan, _key(strides), momentum, eps, running_mean is not None,
+        num_batches_tracked is not None, var is not None)
+    launch("batch_stats_kernel", _grid(plan), NUM_WARPS, x.device, constants, x_ptr=x,
+           part_mean_ptr=part_mean, part_m2_ptr=part_m2, tickets_ptr=ticket_words,
+           epoch=epoch, mean_ptr=mean, invstd_ptr=invstd, centre_ptr=centre, var_ptr=var,
+           **_running_ptrs(running_mean, running_var, num_batches_tracked))
     return centre
+
+
+@functools.lru_cache(maxsize=CACHED_LAUNCHES)
+def _batch_stats_constants(plan: Plan, strides: StridesKey, momentum: float, eps: float,
+                           update: bool, from_count: bool, write_var: bool) -> dict:
+    return dict(**_running_flags(momentum, update, from_count), **plan.split_args(), M=plan.M,
+                **_float64_pair("eps", eps), **_strides(dict(strides), "x"),
+                BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2,
+                WRITE_VAR=write_var, INT64=plan.INT64)
 
 
 def normalize(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tensor], plan: Plan,
@@ -132,14 +165,24 @@ def normalize(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tensor]
               abs_weight: bool) -> None:
     """Launch normalize_kernel: y from batch statistics (centre given: mean, invstd, centre
     from batch_statistics) or from the running ones (then mean and invstd are written)."""
-    launch("normalize_kernel", plan.grid, NUM_WARPS, x.device, x_ptr=x, y_ptr=y,
-        residual_ptr=residual,        weight_ptr=weight, bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, centre_ptr=centre,
-        running_mean_ptr=running_mean, running_var_ptr=running_var, **plan.split_args(),
-        **_float64_pair("eps", eps), **_strides(strides, "x", "y", "r"),
-        BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, BATCH_STATS=centre is not None,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, ABS_WEIGHT=abs_weight, **_epilogue_args(activation),
-        INT64=plan.INT64)
+    constants = _normalize_constants(plan, _key(strides), eps, centre is not None,
+                                     weight is not None, bias is not None,
+                                     residual is not None, abs_weight, activation)
+    launch("normalize_kernel", _grid(plan), NUM_WARPS, x.device, constants, x_ptr=x, y_ptr=y,
+           residual_ptr=residual, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
+           invstd_ptr=invstd, centre_ptr=centre, running_mean_ptr=running_mean,
+           running_var_ptr=running_var)
+
+
+@functools.lru_cache(maxsize=CACHED_LAUNCHES)
+def _normalize_constants(plan: Plan, strides: StridesKey, eps: float, batch_stats: bool,
+                         has_weight: bool, has_bias: bool, has_residual: bool,
+                         abs_weight: bool, activation: Activation) -> dict:
+    return dict(**plan.split_args(), **_float64_pair("eps", eps),
+                **_strides(dict(strides), "x", "y", "r"), BLOCK_C=plan.BLOCK_C,
+                BLOCK_S=plan.BLOCK_S, BATCH_STATS=batch_stats, HAS_WEIGHT=has_weight,
+                HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, ABS_WEIGHT=abs_weight,
+                **_epilogue_args(activation), INT64=plan.INT64)
 
 
 def forward_slab(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tensor],
@@ -149,15 +192,26 @@ def forward_slab(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tens
                  num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
                  activation: Activation, abs_weight: bool) -> None:
     """Launch forward_slab_kernel: the whole training forward in one pass."""
-    launch("forward_slab_kernel", plan.grid, plan.slab_num_warps, x.device, x_ptr=x, y_ptr=y,
-        residual_ptr=residual, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
-        invstd_ptr=invstd, **_running_args(running_mean, running_var, num_batches_tracked,
-                                           momentum),
-        C=plan.C, N=plan.N, S=plan.S, M=plan.M, **_float64_pair("eps", eps),
-        **_strides(strides, "x", "y", "r"), BLOCK_C=plan.BLOCK_C, BLOCK_N=plan.BLOCK_N,
-        BLOCK_S=plan.BLOCK_S, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, ABS_WEIGHT=abs_weight, **_epilogue_args(activation),
-        INT64=plan.INT64)
+    constants = _forward_slab_constants(
+        plan, _key(strides), momentum, eps, running_mean is not None,
+        num_batches_tracked is not None, weight is not None, bias is not None,
+        residual is not None, abs_weight, activation)
+    launch("forward_slab_kernel", _grid(plan), _slab_num_warps(plan), x.device, constants,
+           x_ptr=x, y_ptr=y, residual_ptr=residual, weight_ptr=weight, bias_ptr=bias,
+           mean_ptr=mean, invstd_ptr=invstd,
+           **_running_ptrs(running_mean, running_var, num_batches_tracked))
+
+
+@functools.lru_cache(maxsize=CACHED_LAUNCHES)
+def _forward_slab_constants(plan: Plan, strides: StridesKey, momentum: float, eps: float,
+                            update: bool, from_count: bool, has_weight: bool, has_bias: bool,
+                            has_residual: bool, abs_weight: bool,
+                            activation: Activation) -> dict:
+    return dict(**_running_flags(momentum, update, from_count), C=plan.C, N=plan.N, S=plan.S,
+                M=plan.M, **_float64_pair("eps", eps), **_strides(dict(strides), "x", "y", "r"),
+                BLOCK_C=plan.BLOCK_C, BLOCK_N=plan.BLOCK_N, BLOCK_S=plan.BLOCK_S,
+                HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual,
+                ABS_WEIGHT=abs_weight, **_epilogue_args(activation), INT64=plan.INT64)
 
 
 def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strides],
@@ -173,23 +227,34 @@ def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strid
     part_sum_dy = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=mean.device)
     part_sum_dy_xmu = torch.empty_like(part_sum_dy)
     mean_dy, mean_dy_xhat = torch.empty_like(mean), torch.empty_like(mean)
-    ticket_words, epoch = tickets(mean.device, plan.grid[0])
-    launch("dy_sums_kernel", plan.grid, NUM_WARPS, mean.device, x_ptr=saved.get("x"),
-        y_ptr=saved.get("y"),
-        residual_ptr=saved.get("r"), dy_ptr=saved["dy"], grad_residual_ptr=grad_residual,
-        weight_ptr=weight, bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd,
-        part_sum_dy_ptr=part_sum_dy, part_sum_dy_xmu_ptr=part_sum_dy_xmu,
-        tickets_ptr=ticket_words, epoch=epoch, mean_dy_ptr=mean_dy,
-        mean_dy_xhat_ptr=mean_dy_xhat, grad_weight_ptr=grad_weight, grad_bias_ptr=grad_bias,
-        **plan.split_args(),
-        **_float64_pair("inv_count", 1.0 / plan.M if inv_count is None else inv_count),
-        **_float64_pair("eps", eps),
-        **_strides(strides, "x", "y", "r", "dy", "dr"), BLOCK_C=plan.BLOCK_C,
-        BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, DZ_FROM=dz_from, XHAT_FROM_OUTPUT=xhat_from_output,
-        WRITE_GRAD_RESIDUAL=grad_residual is not None, WRITE_GRAD_WEIGHT=grad_weight is not None,
-        WRITE_GRAD_BIAS=grad_bias is not None, **_epilogue_args(activation), INT64=plan.INT64)
+    ticket_words, epoch = tickets(mean.device, _grid(plan)[0])
+    constants = _dy_sums_constants(
+        plan, _key(strides), 1.0 / plan.M if inv_count is None else inv_count, eps,
+        weight is not None, bias is not None, dz_from, xhat_from_output,
+        grad_residual is not None, grad_weight is not None, grad_bias is not None, activation)
+    launch("dy_sums_kernel", _grid(plan), NUM_WARPS, mean.device, constants,
+           x_ptr=saved.get("x"), y_ptr=saved.get("y"), residual_ptr=saved.get("r"),
+           dy_ptr=saved["dy"], grad_residual_ptr=grad_residual, weight_ptr=weight,
+           bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, part_sum_dy_ptr=part_sum_dy,
+           part_sum_dy_xmu_ptr=part_sum_dy_xmu, tickets_ptr=ticket_words, epoch=epoch,
+           mean_dy_ptr=mean_dy, mean_dy_xhat_ptr=mean_dy_xhat, grad_weight_ptr=grad_weight,
+           grad_bias_ptr=grad_bias)
     return mean_dy, mean_dy_xhat
+
+
+@functools.lru_cache(maxsize=CACHED_LAUNCHES)
+def _dy_sums_constants(plan: Plan, strides: StridesKey, inv_count: float, eps: float,
+                       has_weight: bool, has_bias: bool, dz_from: str, xhat_from_output: bool,
+                       write_grad_residual: bool, write_grad_weight: bool,
+                       write_grad_bias: bool, activation: Activation) -> dict:
+    return dict(**plan.split_args(), **_float64_pair("inv_count", inv_count),
+                **_float64_pair("eps", eps),
+                **_strides(dict(strides), "x", "y", "r", "dy", "dr"), BLOCK_C=plan.BLOCK_C,
+                BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2, HAS_WEIGHT=has_weight,
+                HAS_BIAS=has_bias, DZ_FROM=dz_from, XHAT_FROM_OUTPUT=xhat_from_output,
+                WRITE_GRAD_RESIDUAL=write_grad_residual, WRITE_GRAD_WEIGHT=write_grad_weight,
+                WRITE_GRAD_BIAS=write_grad_bias, **_epilogue_args(activation),
+                INT64=plan.INT64)
 
 
 def input_grad(saved: Dict[str, torch.Tensor], dx: torch.Tensor, plan: Plan,
@@ -200,15 +265,24 @@ def input_grad(saved: Dict[str, torch.Tensor], dx: torch.Tensor, plan: Plan,
     """Launch input_grad_kernel: dx with batch statistics (coefficients from dy_sums) or with
     constant ones (coefficients None; x is read only to recompute z)."""
     mean_dy, mean_dy_xhat = coefficients if coefficients is not None else (None, None)
-    launch("input_grad_kernel", plan.grid, NUM_WARPS, mean.device, x_ptr=saved.get("x"),
-        y_ptr=saved.get("y"), residual_ptr=saved.get("r"), dy_ptr=saved["dy"], dx_ptr=dx,
-        weight_ptr=weight, bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd,
-        mean_dy_ptr=mean_dy, mean_dy_xhat_ptr=mean_dy_xhat, **_float64_pair("eps", eps),
-        **plan.split_args(),
-        **_strides(strides, "x", "y", "r", "dy", "dx"), BLOCK_C=plan.BLOCK_C,
-        BLOCK_S=plan.BLOCK_S, BATCH_STATS=coefficients is not None,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, DZ_FROM=dz_from,
-        XHAT_FROM_OUTPUT=xhat_from_output, **_epilogue_args(activation), INT64=plan.INT64)
+    constants = _input_grad_constants(plan, _key(strides), eps, coefficients is not None,
+                                      weight is not None, bias is not None, dz_from,
+                                      xhat_from_output, activation)
+    launch("input_grad_kernel", _grid(plan), NUM_WARPS, mean.device, constants,
+           x_ptr=saved.get("x"), y_ptr=saved.get("y"), residual_ptr=saved.get("r"),
+           dy_ptr=saved["dy"], dx_ptr=dx, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
+           invstd_ptr=invstd, mean_dy_ptr=mean_dy, mean_dy_xhat_ptr=mean_dy_xhat)
+
+
+@functools.lru_cache(maxsize=CACHED_LAUNCHES)
+def _input_grad_constants(plan: Plan, strides: StridesKey, eps: float, batch_stats: bool,
+                          has_weight: bool, has_bias: bool, dz_from: str,
+                          xhat_from_output: bool, activation: Activation) -> dict:
+    return dict(**_float64_pair("eps", eps), **plan.split_args(),
+                **_strides(dict(strides), "x", "y", "r", "dy", "dx"), BLOCK_C=plan.BLOCK_C,
+                BLOCK_S=plan.BLOCK_S, BATCH_STATS=batch_stats, HAS_WEIGHT=has_weight,
+                HAS_BIAS=has_bias, DZ_FROM=dz_from, XHAT_FROM_OUTPUT=xhat_from_output,
+                **_epilogue_args(activation), INT64=plan.INT64)
 
 
 def backward_slab(saved: Dict[str, torch.Tensor], dx: Optional[torch.Tensor], plan: Plan,
@@ -219,28 +293,51 @@ def backward_slab(saved: Dict[str, torch.Tensor], dx: Optional[torch.Tensor], pl
                   eps: float, activation: Activation, dz_from: str,
                   xhat_from_output: bool) -> None:
     """Launch backward_slab_kernel: dγ, dβ, d(residual) and dx (those given) in one pass."""
-    launch("backward_slab_kernel", plan.grid, plan.slab_num_warps, mean.device,
-        x_ptr=saved.get("x"),
-        y_ptr=saved.get("y"), residual_ptr=saved.get("r"), dy_ptr=saved["dy"], dx_ptr=dx,
-        grad_residual_ptr=grad_residual, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
-        invstd_ptr=invstd, grad_weight_ptr=grad_weight, grad_bias_ptr=grad_bias, C=plan.C,
-        N=plan.N, S=plan.S, M=plan.M, **_float64_pair("eps", eps),
-        **_strides(strides, "x", "y", "r", "dy", "dx", "dr"), BLOCK_C=plan.BLOCK_C,
-        BLOCK_N=plan.BLOCK_N, BLOCK_S=plan.BLOCK_S, BATCH_STATS=batch_stats,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, DZ_FROM=dz_from,
-        XHAT_FROM_OUTPUT=xhat_from_output, WRITE_GRAD_WEIGHT=grad_weight is not None,
-        WRITE_GRAD_BIAS=grad_bias is not None, WRITE_GRAD_INPUT=dx is not None,
-        WRITE_GRAD_RESIDUAL=grad_residual is not None, **_epilogue_args(activation),
-        INT64=plan.INT64, X_LIKE_DY="x" in strides and strides["x"] == strides["dy"])
+    constants = _backward_slab_constants(
+        plan, _key(strides), eps, batch_stats, weight is not None, bias is not None, dz_from,
+        xhat_from_output, grad_weight is not None, grad_bias is not None, dx is not None,
+        grad_residual is not None, activation)
+    launch("backward_slab_kernel", _grid(plan), _slab_num_warps(plan), mean.device, constants,
+           x_ptr=saved.get("x"), y_ptr=saved.get("y"), residual_ptr=saved.get("r"),
+           dy_ptr=saved["dy"], dx_ptr=dx, grad_residual_ptr=grad_residual, weight_ptr=weight,
+           bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, grad_weight_ptr=grad_weight,
+           grad_bias_ptr=grad_bias)
+
+
+@functools.lru_cache(maxsize=CACHED_LAUNCHES)
+def _backward_slab_constants(plan: Plan, strides: StridesKey, eps: float, batch_stats: bool,
+                             has_weight: bool, has_bias: bool, dz_from: str,
+                             xhat_from_output: bool, write_grad_weight: bool,
+                             write_grad_bias: bool, write_grad_input: bool,
+                             write_grad_residual: bool, activation: Activation) -> dict:
+    named = dict(strides)
+    return dict(C=plan.C, N=plan.N, S=plan.S, M=plan.M, **_float64_pair("eps", eps),
+                **_strides(named, "x", "y", "r", "dy", "dx", "dr"), BLOCK_C=plan.BLOCK_C,
+                BLOCK_N=plan.BLOCK_N, BLOCK_S=plan.BLOCK_S, BATCH_STATS=batch_stats,
+                HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, DZ_FROM=dz_from,
+                XHAT_FROM_OUTPUT=xhat_from_output, WRITE_GRAD_WEIGHT=write_grad_weight,
+                WRITE_GRAD_BIAS=write_grad_bias, WRITE_GRAD_INPUT=write_grad_input,
+                WRITE_GRAD_RESIDUAL=write_grad_residual, **_epilogue_args(activation),
+                INT64=plan.INT64, X_LIKE_DY="x" in named and named["x"] == named["dy"])
 
 
 def _plan(shape: Sequence[int], tensors: Dict[str, torch.Tensor], device: torch.device,
           element_size: int, max_slab: Optional[int], max_tile: int = planning.MAX_TILE
           ) -> Tuple[Plan, Dict[str, Strides]]:
-    """make_plan over the named tensors of a call; their strides as the plan sees them."""
-    plan = make_plan(shape, [ncs_strides(t) for t in tensors.values()], device, element_size,
-                     max_slab, max_tile)
-    return plan, dict(zip(tensors, plan.strides))
+    """make_plan over the named tensors of a call, and their strides as the plan sees them;
+    remembered per (shape, names, strides, device, element size, budgets), so that a layer's
+    every call after its first plans in one dict lookup."""
+    key = (tuple(shape), tuple(tensors), tuple(t.stride() for t in tensors.values()), device,
+           element_size, max_slab, max_tile)
+    planned = _PLANS.get(key)
+    if planned is None:
+        plan = make_plan(shape, [ncs_strides(t) for t in tensors.values()], device,
+                         element_size, max_slab, max_tile)
+        planned = plan, dict(zip(tensors, plan.strides))
+        if len(_PLANS) >= CACHED_LAUNCHES:
+            _PLANS.clear()
+        _PLANS[key] = planned
+    return planned
 
 
 def batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
@@ -273,27 +370,39 @@ def batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
     if residual is not None:
         tensors["r"] = kernel_ready(residual)
     epilogue = dict(activation=activation, abs_weight=memory_efficient)
-    with _written_in_place(running_mean) as running_mean, \
-            _written_in_place(running_var) as running_var:
-        if not training:
-            plan, strides = _plan(x.shape, tensors, x.device, x.element_size(), None)
-            normalize(x, y, tensors.get("r"), plan, strides, weight, bias, mean, invstd, None,
-                      running_mean, running_var, eps, **epilogue)
-            return y, mean, invstd
-        # A residual is a second slab-sized tensor in registers: half the slab (a full one
-        # spills 68 bytes on sm_80/sm_90; the backward's third tensor fits, see below).
-        budget = planning.MAX_SLAB_FORWARD // (2 if residual is not None else 1)
-        plan, strides = _plan(x.shape, tensors, x.device, x.element_size(), budget)
-        if plan.slab:
-            forward_slab(x, y, tensors.get("r"), plan, strides, weight, bias, mean, invstd,
-                         running_mean, running_var, num_batches_tracked, momentum, eps,
-                         **epilogue)
-        else:
-            centre = batch_statistics(x, plan, strides, mean, invstd, running_mean,
-                                      running_var, num_batches_tracked, momentum, eps)
-            normalize(x, y, tensors.get("r"), plan, strides, weight, bias, mean, invstd,
-                      centre, None, None, eps, **epilogue)
+    if _strided(running_mean) or _strided(running_var):
+        with _written_in_place(running_mean) as running_mean, \
+                _written_in_place(running_var) as running_var:
+            _forward_launches(x, y, tensors, weight, bias, mean, invstd, running_mean,
+                              running_var, num_batches_tracked, training, momentum, eps,
+                              epilogue)
+    else:
+        _forward_launches(x, y, tensors, weight, bias, mean, invstd, running_mean, running_var,
+                          num_batches_tracked, training, momentum, eps, epilogue)
     return y, mean, invstd
+
+
+def _forward_launches(x, y, tensors, weight, bias, mean, invstd, running_mean, running_var,
+                      num_batches_tracked, training, momentum, eps, epilogue) -> None:
+    """batch_norm_forward's launches, on running statistics the kernels can index."""
+    if not training:
+        plan, strides = _plan(x.shape, tensors, x.device, x.element_size(), None)
+        normalize(x, y, tensors.get("r"), plan, strides, weight, bias, mean, invstd, None,
+                  running_mean, running_var, eps, **epilogue)
+        return
+    # A residual is a second slab-sized tensor in registers: half the slab (a full one
+    # spills 68 bytes on sm_80/sm_90; the backward's third tensor fits, see below).
+    budget = planning.MAX_SLAB_FORWARD // (2 if "r" in tensors else 1)
+    plan, strides = _plan(x.shape, tensors, x.device, x.element_size(), budget)
+    if plan.slab:
+        forward_slab(x, y, tensors.get("r"), plan, strides, weight, bias, mean, invstd,
+                     running_mean, running_var, num_batches_tracked, momentum, eps,
+                     **epilogue)
+    else:
+        centre = batch_statistics(x, plan, strides, mean, invstd, running_mean, running_var,
+                                  num_batches_tracked, momentum, eps)
+        normalize(x, y, tensors.get("r"), plan, strides, weight, bias, mean, invstd, centre,
+                  None, None, eps, **epilogue)
 
 
 def local_statistics(input: torch.Tensor) -> torch.Tensor:
@@ -379,9 +488,9 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
     # spills. Where they load as scalars (7x7 maps: every value its own address) it spilled
     # 130 bytes on sm_90 (ResNet-50 b256's last stage, relu + residual), so half the slab.
     third = "y" in saved or "r" in saved
-    scalar_rows = planning.loads_as_scalars(reference.shape, ncs_strides(reference),
-                                            reference.element_size())
-    budget = planning.MAX_SLAB_BACKWARD // (2 if third and scalar_rows else 1)
+    scalar_rows = third and planning.loads_as_scalars(
+        reference.shape, ncs_strides(reference), reference.element_size())
+    budget = planning.MAX_SLAB_BACKWARD // (2 if scalar_rows else 1)
     max_tile = (planning.MAX_TILE_FLOAT64_ACTIVATION
                 if reference.element_size() > 4 and activation.name != "identity"
                 else planning.MAX_TILE)
@@ -415,6 +524,10 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
         input_grad(saved, dx, plan, strides, weight, bias, mean, invstd,
                    coefficients if training else None, **flags)
     return dx, grad_weight, grad_bias, grad_residual
+
+
+def _strided(t: Optional[torch.Tensor]) -> bool:
+    return t is not None and not t.is_contiguous()
 
 
 def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

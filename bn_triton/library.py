@@ -37,7 +37,7 @@ import torch
 
 from . import collectives, double_backward, launch
 from .dispatch import TORCH, backend
-from .epilogue import Activation, dz_source
+from .epilogue import IDENTITY, Activation, dz_source
 from .plan import accumulation_dtype, empty_output
 
 DOUBLE_BACKWARD_SYNC = (
@@ -221,11 +221,65 @@ torch.library.register_autograd("bn_triton::sync_batch_norm_backward", _no_doubl
                                 setup_context=lambda ctx, inputs, output: None)
 
 
+def _save_for_backward(ctx, input: torch.Tensor, weight: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                       output: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                       count: Optional[torch.Tensor], training: bool, eps: float,
+                       activation: Activation, memory_efficient: bool,
+                       group_name: Optional[str]) -> None:
+    """What backward needs, on ctx: mean, invstd, weight and what epilogue.dz_source names (x,
+    never x̂; or y alone in the memory-saving mode; y or the residual where a residual meets
+    an activation)."""
+    dz_from = dz_source(activation, residual is not None, memory_efficient)
+    keep_output = memory_efficient or dz_from == "output"
+    keep_bias = memory_efficient or dz_from in ("x", "x_residual")
+    ctx.save_for_backward(None if memory_efficient else input,
+                          output if keep_output else None,
+                          residual if dz_from == "x_residual" else None, weight,
+                          bias if keep_bias else None, mean, invstd, count)
+    ctx.group_name = group_name
+    ctx.training, ctx.eps = training, eps
+    ctx.activation, ctx.activation_param = activation.name, activation.param
+    ctx.memory_efficient, ctx.has_residual = memory_efficient, residual is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _input_grads(ctx, grad_output: torch.Tensor, through_ops: bool):
+    """(grad_input, grad_weight, grad_bias, grad_residual) from what _save_for_backward kept,
+    each None where autograd does not ask for it (ctx.needs_input_grad: input, weight, bias
+    first, the residual tenth). through_ops: by the backward ops (differentiable again, and
+    what a trace records), else by the launches themselves."""
+    input, output, residual, weight, bias, mean, invstd, count = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    # Without an activation d(residual) is grad_output itself: no kernel writes it.
+    residual_from_kernel = ctx.has_residual and ctx.activation != "identity"
+    output_mask = [needs[0], needs[1], needs[2], needs[9] and residual_from_kernel]
+    epilogue = (ctx.has_residual, ctx.activation, ctx.activation_param, ctx.memory_efficient,
+                ctx.eps)
+    if ctx.group_name is not None:
+        grads = torch.ops.bn_triton.sync_batch_norm_backward(
+            grad_output, input, output, residual, weight, bias, mean, invstd, count,
+            output_mask, ctx.bias_dtype, ctx.group_name, *epilogue)
+    elif through_ops:
+        grads = torch.ops.bn_triton.batch_norm_backward(
+            grad_output, input, output, residual, weight, bias, mean, invstd, ctx.training,
+            output_mask, ctx.bias_dtype, *epilogue)
+    else:
+        grads = launch.batch_norm_backward(
+            grad_output, input, output, residual, weight, bias, mean, invstd, ctx.training,
+            output_mask, ctx.bias_dtype, ctx.has_residual,
+            Activation(ctx.activation, ctx.activation_param), ctx.memory_efficient, ctx.eps)
+    grad_input, grad_weight, grad_bias, grad_residual = [
+        grad if wanted else None for grad, wanted in zip(grads, output_mask)]
+    if needs[9] and not residual_from_kernel:
+        grad_residual = grad_output
+    return grad_input, grad_weight, grad_bias, grad_residual
+
+
 class BatchNormFunction(torch.autograd.Function):
-    """y = act(batch_norm(x) + residual) through the two ops. Saves mean, invstd, weight and
-    what epilogue.dz_source names: x (never x̂), or y alone in the memory-saving mode, and y or
-    the residual where a residual meets an activation. Backward computes only the gradients
-    autograd asks for."""
+    """y = act(batch_norm(x) + residual) through the two ops: what every tracer, mode and
+    transform sees (see batch_norm). Backward computes only the gradients autograd asks
+    for."""
 
     @staticmethod
     def forward(input: torch.Tensor, weight: Optional[torch.Tensor],
@@ -248,44 +302,76 @@ class BatchNormFunction(torch.autograd.Function):
          memory_efficient, group_name) = inputs
         output, mean, invstd, *count = output
         ctx.mark_non_differentiable(mean, invstd, *count)
-        ctx.group_name = group_name
-        ctx.count = count[0] if count else None
-        activation = Activation(activation, activation_param)
-        dz_from = dz_source(activation, residual is not None, memory_efficient)
-        keep_output = memory_efficient or dz_from == "output"
-        keep_bias = memory_efficient or dz_from in ("x", "x_residual")
-        ctx.save_for_backward(None if memory_efficient else input,
-                              output if keep_output else None,
-                              residual if dz_from == "x_residual" else None, weight,
-                              bias if keep_bias else None, mean, invstd, ctx.count)
-        ctx.training, ctx.eps = training, eps
-        ctx.activation, ctx.activation_param = activation.name, activation.param
-        ctx.memory_efficient, ctx.has_residual = memory_efficient, residual is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        _save_for_backward(ctx, input, weight, bias, residual, output, mean, invstd,
+                           count[0] if count else None, training, eps,
+                           Activation(activation, activation_param), memory_efficient,
+                           group_name)
 
     @staticmethod
     def backward(ctx, grad_output, *_grad_statistics):
-        input, output, residual, weight, bias, mean, invstd, count = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        # Without an activation d(residual) is grad_output itself: no kernel writes it.
-        residual_from_kernel = ctx.has_residual and ctx.activation != "identity"
-        output_mask = [needs[0], needs[1], needs[2], needs[9] and residual_from_kernel]
-        epilogue = (ctx.has_residual, ctx.activation, ctx.activation_param,
-                    ctx.memory_efficient, ctx.eps)
-        if ctx.group_name is not None:
-            grads = torch.ops.bn_triton.sync_batch_norm_backward(
-                grad_output, input, output, residual, weight, bias, mean, invstd, count,
-                output_mask, ctx.bias_dtype, ctx.group_name, *epilogue)
-        else:
-            grads = torch.ops.bn_triton.batch_norm_backward(
-                grad_output, input, output, residual, weight, bias, mean, invstd, ctx.training,
-                output_mask, ctx.bias_dtype, *epilogue)
-        grad_input, grad_weight, grad_bias, grad_residual = [
-            grad if wanted else None for grad, wanted in zip(grads, output_mask)]
-        if needs[9] and not residual_from_kernel:
-            grad_residual = grad_output
+        grad_input, grad_weight, grad_bias, grad_residual = _input_grads(ctx, grad_output, True)
         return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None,
                 grad_residual, None, None, None, None)
+
+
+class EagerBatchNormFunction(torch.autograd.Function):
+    """BatchNormFunction's forward and backward with the launches called directly: the same
+    kernels, saved tensors and gradients, without the two custom-op dispatches and the
+    per-call signature binding of a setup_context Function (together about 150 µs of host
+    time a layer, more than an H100 spends in its kernels). Only for calls that nothing
+    traces or intercepts (see batch_norm). The backward goes through the backward op where
+    autograd records it (create_graph), which keeps the second derivative."""
+
+    @staticmethod
+    def forward(ctx, input: torch.Tensor, weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
+                training: bool, momentum: float, eps: float, residual: Optional[torch.Tensor],
+                activation: Activation, memory_efficient: bool) -> torch.Tensor:
+        output, mean, invstd = _forward_launches(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+            momentum, eps, residual, activation, memory_efficient)
+        _save_for_backward(ctx, input, weight, bias, residual, output, mean, invstd, None,
+                           training, eps, activation, memory_efficient, None)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_input, grad_weight, grad_bias, grad_residual = _input_grads(
+            ctx, grad_output, torch.is_grad_enabled())
+        return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None,
+                grad_residual, None, None)
+
+
+def _forward_launches(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                      training, momentum, eps, residual, activation, memory_efficient):
+    """batch_norm_forward's launches, called directly, with the op's effect on autograd's
+    version counters: a running statistic written in place counts as modified."""
+    result = launch.batch_norm_forward(input, weight, bias, running_mean, running_var,
+                                       num_batches_tracked, training, momentum, eps, residual,
+                                       activation, memory_efficient)
+    if training and running_mean is not None:
+        torch.autograd.graph.increment_version(running_mean)
+        torch.autograd.graph.increment_version(running_var)
+    return result
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def observed(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether anything above the kernels may need to see a call as bn_triton's ops: Dynamo
+    or export tracing, a torch.func transform, forward-mode AD, a torch function or dispatch
+    mode (FakeTensorMode, FlopCounterMode, ...), the profiler, or a tensor subclass (fake,
+    functional, DTensor, ...). Then the call goes through the ops; a plain eager call, none
+    of these, takes the launches directly. Each check is one C call or attribute read."""
+    return (torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._autograd._profiler_enabled()
+            or torch.autograd.forward_ad._current_level >= 0
+            or any(type(t) not in _PLAIN_TYPES for t in tensors if t is not None))
 
 
 def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -296,10 +382,26 @@ def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
                group_name: Optional[str] = None) -> torch.Tensor:
     """The differentiable act(batch_norm(x) + residual) over the ops: batch_norm_forward's
     output (sync_batch_norm_forward's, with statistics across the ranks of the process group
-    named group_name, given). activation None is the identity."""
+    named group_name, given). activation None is the identity.
+
+    Two routes, one result: a call that anything traces or intercepts (observed) goes through
+    BatchNormFunction and the ops, which is all Dynamo, export, the modes and the transforms
+    ever see; a plain eager call runs the same launches directly (EagerBatchNormFunction
+    where autograd records it), which saves the ops' dispatch on every layer."""
     # The activation goes in as its name and parameter, literals where there is none: under
     # torch.compile(dynamic=True) Dynamo turns a float read from a shared object into a
     # symbolic input, which it cannot lift into the autograd.Function's graph.
+    if group_name is None and not observed(input, weight, bias, running_mean, running_var,
+                                           num_batches_tracked, residual):
+        activation = activation or IDENTITY
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (input, weight, bias, residual)):
+            return EagerBatchNormFunction.apply(
+                input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                momentum, eps, residual, activation, memory_efficient)
+        return _forward_launches(input, weight, bias, running_mean, running_var,
+                                 num_batches_tracked, training, momentum, eps, residual,
+                                 activation, memory_efficient)[0]
     name, param = (activation.name, activation.param) if activation else ("identity", 0.0)
     return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
                                    num_batches_tracked, training, momentum, eps, residual,

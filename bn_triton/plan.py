@@ -248,6 +248,8 @@ def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.de
 def kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """t itself when its spatial dims flatten to one stride, else a contiguous copy: the one
     copy made, for views such as x[:, :, ::2] that no single s-stride describes."""
+    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return t  # the common layouts, without walking the strides
     return t if ncs_strides(t) is not None else t.contiguous()
 
 

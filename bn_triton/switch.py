@@ -32,6 +32,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 
+from . import launch
 from .dispatch import INTERPRETED, TORCH, backend
 from .functional import check_batch_norm_args
 from .plan import accumulation_dtype
@@ -122,7 +123,9 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
     where the kernels do not serve the call."""
     if not _serves(input, weight, bias, running_mean, running_var, training, eps):
         return None
-    output, mean, invstd = torch.ops.bn_triton.batch_norm_forward(
+    # Below autograd, every mode and subclass (this is the device's kernel of an ATen op):
+    # what the op's own kernel would do, without dispatching it again.
+    output, mean, invstd = launch.batch_norm_forward(
         input, weight, bias, running_mean, running_var, None, training, momentum, eps)
     if input.device.type == "cpu":
         saved_dtype = next((t.dtype for t in (weight, bias, running_mean, running_var)
@@ -203,9 +206,8 @@ def _backward(grad_output, input, weight, running_mean, running_var, save_mean, 
     if weight is None:
         output_mask[1] = False  # nothing to differentiate; ATen returns no gradient either
     grad_dtype = weight.dtype if weight is not None else input.dtype
-    grads = torch.ops.bn_triton.batch_norm_backward(grad_output, input, None, None, weight,
-                                                    None, mean, invstd, training,
-                                                    output_mask + [False], grad_dtype)
+    grads = launch.batch_norm_backward(grad_output, input, None, None, weight, None, mean,
+                                       invstd, training, output_mask + [False], grad_dtype)
     return tuple(grad if wanted else None for grad, wanted in zip(grads, output_mask))
 
 
