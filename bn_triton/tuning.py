@@ -1,7 +1,7 @@
 """Which configuration runs each kernel, and the one place kernels are launched.
 
-`launch(name, grid, num_warps, device, **arguments)` starts kernel `name` on `device`, under
-that device's guard (Triton launches on the current device and its current stream, so a tensor
+`launch(name, grid, num_warps, device, constants, **tensors)` starts kernel `name` on `device`,
+under that device's guard (Triton launches on the current device and its current stream, so a tensor
 on cuda:1 while cuda:0 is current would otherwise be launched on the wrong GPU), either with
 the heuristic num_warps or through triton.autotune.
 
@@ -50,14 +50,15 @@ import contextlib
 import functools
 import os
 import threading
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import triton
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
-from . import kernels
+from . import compiled, kernels
 
 # Warps of a split-path program (slab programs: Plan.slab_num_warps): 16 tile values a thread.
 NUM_WARPS = 4
@@ -199,14 +200,15 @@ class TunedKernel:
                 autotuner = self.autotuners[device]
         return autotuner, self.locks[device]
 
-    def __call__(self, grid, device: torch.device, arguments: dict) -> None:
+    def __call__(self, grid, device: torch.device, arguments: dict):
+        """Launch through the autotuner; returns the compiled kernel that ran (compiled.py
+        launches it directly from then on)."""
         configs = surviving_configs(self.name, arguments)
         if len(configs) == 1:  # nothing to choose, on every Triton release
-            getattr(kernels, self.name)[grid](**arguments, **configs[0].all_kwargs())
-            return
+            return getattr(kernels, self.name)[grid](**arguments, **configs[0].all_kwargs())
         autotuner, lock = self.for_device(device)
         with lock:
-            autotuner[grid](**arguments)
+            return autotuner[grid](**arguments)
 
 
 def make_launchers(tune: Optional[bool] = None, do_bench: Optional[Callable] = None,
@@ -235,12 +237,42 @@ def device_guard(device: torch.device):
 
 
 def launch(name: str, grid: Sequence[int], num_warps: int, device: torch.device,
-           **arguments) -> None:
-    """Launch kernel `name` over `grid` on `device`: the autotuner picks the warps where it runs
-    (TunedKernel), the heuristic num_warps elsewhere."""
+           constants: Mapping[str, object], **tensors) -> None:
+    """Launch kernel `name` over `grid` on `device` with its `constants` (the non-tensor
+    arguments, a dict the launch wrappers keep per plan and flags) and its `tensors`: the
+    autotuner picks the warps where it runs (TunedKernel), the heuristic num_warps elsewhere.
+    Once a launch's compiled kernel is known it is launched directly (compiled.py)."""
     kernel = LAUNCHERS[name]
     with device_guard(device):
-        if isinstance(kernel, TunedKernel):
-            kernel(grid, device, arguments)
+        direct = DIRECT.get(name)
+        if direct is not None and LAUNCHERS[name] is DIRECT_SOURCES[name]:
+            direct.launch(grid, num_warps, device, constants, tensors,
+                          lambda: _through_triton(kernel, grid, num_warps, device, constants,
+                                                  tensors))
         else:
-            kernel[grid](**arguments, num_warps=num_warps)
+            _through_triton(kernel, grid, num_warps, device, constants, tensors)
+
+
+def _through_triton(kernel, grid, num_warps, device, constants, tensors):
+    """Triton's own launch (JITFunction.run, or the Autotuner's): its compiled kernel."""
+    arguments = {**constants, **tensors}
+    if isinstance(kernel, TunedKernel):
+        return kernel(grid, device, arguments)
+    return kernel[grid](**arguments, num_warps=num_warps)
+
+
+def make_direct_launches(launchers: dict) -> Tuple[dict, dict]:
+    """name -> CompiledLaunches for each launcher over a JIT function (compiled.py), and the
+    launcher each was made for (a launcher replaced later, by a test's stand-in, say, is
+    launched through Triton's path alone)."""
+    if not compiled.enabled():
+        return {}, {}
+    direct, sources = {}, {}
+    for name, launcher in launchers.items():
+        function = getattr(kernels, name) if isinstance(launcher, TunedKernel) else launcher
+        if type(function) is JITFunction:
+            direct[name], sources[name] = compiled.CompiledLaunches(function), launcher
+    return direct, sources
+
+
+DIRECT, DIRECT_SOURCES = make_direct_launches(LAUNCHERS)
