@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
                     "bandwidth, speedups over torch eager / torch.compile / FlagGems. No GPU: "
                     "launches and bytes per element counted under Triton's interpreter on "
                     "scaled-down shapes (not a timing). Writes JSON + one PNG to "
-                    "benchmarks/results/.")
+                    "benchmarks/results/. Sub-commands (python -m benchmarks NAME ...): "
+                    + "; ".join(f"{name}: {what}" for name, what in SUBCOMMANDS.items()))
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                         help="cuda: time on the GPU; cpu: count under the interpreter; "
                              "auto (default): cuda when available")
@@ -56,7 +57,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Sub-commands: what a GPU exposes beyond bytes and launches, measured on the CPU. Each is
+# also `python -m benchmarks.<name>`; `python -m benchmarks <name> --help` lists its options.
+SUBCOMMANDS = {
+    "host": "host µs per call, launches stubbed, against torch's module in the same run; "
+            "Triton's and the direct launch's µs per launch",
+    "waves": "programs per SM on 132- and 108-SM GPUs, bytes in flight, access width",
+    "coldstart": "specializations, compilations and tuned configs of one ResNet-50 step",
+}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        module = importlib.import_module(f"benchmarks.{argv[0]}")
+        return module.main(argv[1:]) or 0
     args = _parser().parse_args(argv)
     import torch
 
