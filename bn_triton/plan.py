@@ -17,9 +17,11 @@ import triton
 
 Strides = Tuple[int, int, int]
 
-# Values in one [BLOCK_C, BLOCK_S] tile of the split path: 16 per thread at 4 warps, i.e. four
-# 128-bit loads of float32 (two of half) per thread per tensor, which keeps enough bytes in
-# flight per SM on an H100 without spilling the kernels that hold x and dy tiles at once.
+# Values in one [BLOCK_C, BLOCK_S] tile of the split path, counted in float32: 16 per thread at
+# 4 warps, i.e. four 128-bit loads per thread per tensor (8 KiB a tile), which keeps enough
+# bytes in flight per SM without spilling the kernels that hold x and dy tiles at once. Half
+# tiles hold as many bytes, twice the values (2048 of them kept 16 KiB in flight an SM, under
+# the ~24 KiB an H200 needs; ptxas fits 4096 in at most 185 registers, no spills).
 MAX_TILE = 2048
 # The float64 backward of a fused activation: its values take two registers each, and
 # libdevice's float64 erf/exp/tanh spill a full tile (gelu_tanh: 8 to 56 bytes on sm_80/90);
@@ -29,13 +31,26 @@ MAX_TILE_FLOAT64_ACTIVATION = MAX_TILE // 2
 # full 128-byte line of channels (32 float32), which leaves rows along S to fill the tile and
 # more channel blocks to fill the GPU.
 ROW_BYTES_CHANNELS_LAST = 128
-# Values of a channel each split covers at least: a program also loads a few values per
-# channel (pivot, γ, β, statistics, its partials: about 10), which stay under ~2%.
+# Values of a channel each split of a latency-bound call covers at least: a program also loads
+# a few values per channel (pivot, γ, β, statistics, its partials: about 10), which stay under
+# ~2%. A bandwidth-bound call (WAVE_BYTES) splits shorter where its waves need it: those
+# per-channel loads are the same addresses for every program of a block, L2 hits.
 MIN_SPLIT_VALUES = 512
-# Split partials the last program of a channel block combines at once ([BLOCK_C, SPLITS_P2]).
-MAX_COMBINE_TILE = 4096
-# Programs per SM the split heuristic aims for: enough resident warps to cover DRAM latency.
+# Programs per SM the split heuristic aims for: enough resident warps to cover DRAM latency. A
+# tile is 8 KiB, so 4 programs loading one tensor (batch_stats, normalize) keep 32 KiB an SM
+# in flight, above the ~24 KiB an H200 needs (benchmarks/waves.py), and the split kernels'
+# registers let an SM hold 3 to 5 of them at once (tests/test_compile.py).
 PROGRAMS_PER_SM = 4
+# Programs per SM a launch of WAVE_BYTES or more gets at least where its tiles (split) or
+# channels (slab) allow: with fewer, the last wave leaves SMs idle while it drains (1.5 waves
+# of equal programs keep a third of the SMs idle for the second half).
+MIN_PROGRAMS_PER_SM = 2
+# Bytes of the call's tensors (x, y; dy, x, dx; ...: what a slab moves, the least any launch of
+# the call does) from which it is bandwidth-bound: from there splits may be as short as the
+# PROGRAMS_PER_SM target needs, and a slab narrows its channels towards MIN_PROGRAMS_PER_SM.
+# Smaller calls are latency-bound: splits of MIN_SPLIT_VALUES at least, slabs with the
+# widest rows, as before issue 17.
+WAVE_BYTES = 4 * 2**20
 # Without a GPU (the interpreter) plan as on an H100 SXM, so that counted launches and traffic
 # are those the GPU would see.
 H100_SM_COUNT = 132
@@ -106,15 +121,32 @@ def tile_shape(C: int, S: int, channels_contiguous: bool, element_size: int,
     return block_c, block_s
 
 
+def vector_width(S: int, block_s: int, strides: Sequence[Strides], element_size: int) -> int:
+    """The hint of the split kernels' tile rows (kernels/stats.tile_offsets): where rows run
+    along S in every tensor of the call (stride_s = 1), the most values up to 16 bytes' worth
+    that S, BLOCK_S and every n- and c-stride are multiples of, so that rows load and store as
+    128-bit accesses where the launch's specialization (multiples of 16 only) cannot see it:
+    S = 196 in float32 has stride_c = 196, a multiple of 4. 1 otherwise. The wide accesses
+    still need 16-byte aligned pointers, which Triton specializes on."""
+    if any(stride_s != 1 for _, _, stride_s in strides):
+        return 1
+    vector = max(1, 16 // element_size)
+    values = [S, block_s] + [stride for sn, sc, _ in strides for stride in (sn, sc)]
+    while vector > 1 and any(value % vector for value in values):
+        vector //= 2
+    return vector
+
+
 def slab_shape(N: int, C: int, S: int, channels_contiguous: bool, element_size: int,
-               max_values: int) -> Optional[Tuple[int, int, int]]:
+               max_values: int, min_programs: int = 1) -> Optional[Tuple[int, int, int]]:
     """(BLOCK_C, BLOCK_N, BLOCK_S) of a slab holding whole channels, or None when the smallest
     useful slab exceeds max_values float32 values (a quarter as many float64); then the split
     path runs.
 
     BLOCK_N ≥ N and BLOCK_S ≥ S (powers of two). Channels per program: as many as keep the slab
     near SLAB_TARGET; for channels-contiguous input at least a sector's worth (SECTOR_BYTES)
-    where that fits, and never fewer than MIN_ROW_BYTES' worth."""
+    where that fits, and never fewer than MIN_ROW_BYTES' worth. Fewer (halving, down to one
+    channel or MIN_ROW_BYTES' worth) where that gives min_programs programs or comes closer."""
     if element_size > 4:
         max_values //= 4
     per_channel = triton.next_power_of_2(N) * triton.next_power_of_2(S)
@@ -130,6 +162,9 @@ def slab_shape(N: int, C: int, S: int, channels_contiguous: bool, element_size: 
     elif fitting < 1:
         return None
     block_c = max(min_channels, min(channels, SLAB_TARGET // per_channel))
+    narrowest = min(channels, max(1, MIN_ROW_BYTES // element_size)) if channels_contiguous else 1
+    while block_c > narrowest and triton.cdiv(C, block_c) < min_programs:
+        block_c //= 2
     return block_c, triton.next_power_of_2(N), triton.next_power_of_2(S)
 
 
@@ -162,6 +197,8 @@ class Plan:
     num_tiles: int = 0
     tiles_per_split: int = 0
     num_splits: int = 1
+    # Values every tile row starts at a multiple of, and S is one of (see vector_width).
+    VECTOR: int = 1
 
     @property
     def M(self) -> int:
@@ -173,6 +210,8 @@ class Plan:
 
     @property
     def SPLITS_P2(self) -> int:
+        """A power of two ≥ num_splits: the split partials of a channel block, as the kernels
+        see them (they combine them kernels/stats.COMBINE_TILE values at a time)."""
         return triton.next_power_of_2(self.num_splits)
 
     @property
@@ -187,8 +226,10 @@ class Plan:
         return max(4, min(16, values // 512))
 
     def split_args(self) -> dict:
+        """The split kernels' shape arguments (VECTOR among them, a constexpr)."""
         return dict(C=self.C, S=self.S, tiles_per_n=self.tiles_per_n, num_tiles=self.num_tiles,
-                    tiles_per_split=self.tiles_per_split, num_splits=self.num_splits)
+                    tiles_per_split=self.tiles_per_split, num_splits=self.num_splits,
+                    VECTOR=self.VECTOR)
 
 
 def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.device,
@@ -213,13 +254,18 @@ def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.de
         max_tile //= 2
         if max_slab is not None:
             max_slab //= 2
-    slab = (slab_shape(N, C, S, channels_contiguous, element_size, max_slab)
-            if max_slab is not None else None)
+    bandwidth_bound = N * C * S * element_size * len(strides) >= WAVE_BYTES
+    slab = None
+    if max_slab is not None:
+        wave = MIN_PROGRAMS_PER_SM * _sm_count(device) if bandwidth_bound else 1
+        slab = slab_shape(N, C, S, channels_contiguous, element_size, max_slab, wave)
     if slab is not None:
         block_c, block_n, block_s = slab
         extents = (block_c, block_n, block_s)
     else:
-        block_c, block_s = tile_shape(C, S, channels_contiguous, element_size, max_tile)
+        # max_tile counts float32 values: a half tile holds as many bytes (twice the values).
+        block_c, block_s = tile_shape(C, S, channels_contiguous, element_size,
+                                      max_tile * max(1, 4 // element_size))
         tiles_per_n = triton.cdiv(S, block_s)
         extents = (block_c, N, tiles_per_n * block_s)
     # The largest offset a tile may form, masked lanes included, and the largest index along
@@ -235,13 +281,20 @@ def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.de
         return Plan(**common, BLOCK_N=block_n)
     num_tiles = N * tiles_per_n
     c_blocks = triton.cdiv(C, block_c)
-    max_splits = max(1, MAX_COMBINE_TILE // block_c)
     target = PROGRAMS_PER_SM * _sm_count(device)
-    splits = max(1, min(num_tiles, max_splits, triton.cdiv(target, c_blocks),
-                        N * S // MIN_SPLIT_VALUES))
+    # Where the call is bandwidth-bound MIN_SPLIT_VALUES yields to the target: the bytes in
+    # flight (benchmarks/waves.py) need the programs more than the splits need the length.
+    floor = triton.cdiv(target, c_blocks) if bandwidth_bound else 1
+    splits = max(1, min(num_tiles, triton.cdiv(target, c_blocks),
+                        max(N * S // MIN_SPLIT_VALUES, floor)))
     tiles_per_split = triton.cdiv(num_tiles, splits)
+    if triton.cdiv(num_tiles, tiles_per_split) < min(splits, floor):
+        # Rounding tiles per split up fell under the floor: round down (≥ 1, splits ≤
+        # num_tiles), which gives splits to 2·splits.
+        tiles_per_split = num_tiles // splits
     splits = triton.cdiv(num_tiles, tiles_per_split)  # no split is left empty
-    return Plan(**common, tiles_per_n=tiles_per_n, num_tiles=num_tiles,
+    return Plan(**common, VECTOR=vector_width(S, block_s, strides, element_size),
+                tiles_per_n=tiles_per_n, num_tiles=num_tiles,
                 tiles_per_split=tiles_per_split, num_splits=splits)
 
 

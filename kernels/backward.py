@@ -27,7 +27,8 @@ import triton.language as tl
 
 from . import activations
 from .forward import slab_offsets
-from .stats import channel_scale, channel_shift, divide, finished_last, split_range, tile_offsets
+from .stats import (COMBINE_TILE, channel_scale, channel_shift, divide, finished_last,
+                    split_range, tile_offsets)
 
 
 @triton.jit
@@ -90,17 +91,17 @@ def tile_grad_z(dy_ptr, x_ptr, y_ptr, residual_ptr, pid_c, tile, tiles_per_n, C,
                 mean, scale, shift, inv_scale, param, LOAD_X: tl.constexpr,
                 ACTIVATION: tl.constexpr, DZ_FROM: tl.constexpr,
                 XHAT_FROM_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                INT64: tl.constexpr):
+                INT64: tl.constexpr, VECTOR: tl.constexpr):
     """(dz, x - mean, mask) of tile `tile` (see stats.tile_offsets) of the split path, each
     tensor read through its own strides (see grad_z_and_centred)."""
     dy_offsets, mask = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_dyn, stride_dyc,
-                                    stride_dys, BLOCK_C, BLOCK_S, INT64)
+                                    stride_dys, BLOCK_C, BLOCK_S, INT64, VECTOR)
     x_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_xn, stride_xc,
-                                stride_xs, BLOCK_C, BLOCK_S, INT64)
+                                stride_xs, BLOCK_C, BLOCK_S, INT64, VECTOR)
     y_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_yn, stride_yc,
-                                stride_ys, BLOCK_C, BLOCK_S, INT64)
+                                stride_ys, BLOCK_C, BLOCK_S, INT64, VECTOR)
     r_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_rn, stride_rc,
-                                stride_rs, BLOCK_C, BLOCK_S, INT64)
+                                stride_rs, BLOCK_C, BLOCK_S, INT64, VECTOR)
     dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(mean.dtype)
     dz, centred = grad_z_and_centred(
         dy, x_ptr, x_offsets, y_ptr, y_offsets, residual_ptr, r_offsets, mask,
@@ -141,6 +142,7 @@ def dy_sums_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     DZ_FROM: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
     WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr, INT64: tl.constexpr,
+    VECTOR: tl.constexpr = 1,
 ):
     """sum_dy = Σ dz and sum_dy_xhat = invstd·Σ dz·(x - mean) of every channel (dz = dy
     without an activation; see the module docstring).
@@ -148,8 +150,9 @@ def dy_sums_kernel(
     Grid (cdiv(C, BLOCK_C), num_splits). Program (pid_c, k) stores its split's sums in
     part_sum_dy[c, k], part_sum_dy_xmu[c, k], and with WRITE_GRAD_RESIDUAL its tiles of dz to
     grad_residual; the last program of the block (an integer ticket, see stats.finished_last)
-    adds the num_splits partials in a fixed order and writes grad_weight and grad_bias (each
-    when asked, in its own dtype) and the dx coefficients mean_dy = sum_dy/M,
+    adds the num_splits partials in a fixed order, [BLOCK_C, CHUNK] at a time, and writes
+    grad_weight and grad_bias (each when asked, in its own dtype) and the dx coefficients
+    mean_dy = sum_dy/M,
     mean_dy_xhat = sum_dy_xhat/M (accumulation dtype), with 1/M given as
     inv_count + inv_count_lo. x, y, residual, dy, grad_residual: (N, C, S), each with its own
     strides. mean, invstd: (C,)."""
@@ -172,10 +175,12 @@ def dy_sums_kernel(
             dy_ptr, x_ptr, y_ptr, residual_ptr, pid_c, tile, tiles_per_n, C, S, stride_dyn,
             stride_dyc, stride_dys, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc,
             stride_ys, stride_rn, stride_rc, stride_rs, mean, scale, shift, inv_scale, param,
-            True, ACTIVATION, DZ_FROM, XHAT_FROM_OUTPUT, BLOCK_C, BLOCK_S, INT64)
+            True, ACTIVATION, DZ_FROM, XHAT_FROM_OUTPUT, BLOCK_C, BLOCK_S, INT64,
+            VECTOR)
         if WRITE_GRAD_RESIDUAL:
             dr_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_drn,
-                                         stride_drc, stride_drs, BLOCK_C, BLOCK_S, INT64)
+                                         stride_drc, stride_drs, BLOCK_C, BLOCK_S, INT64,
+                                         VECTOR)
             tl.store(grad_residual_ptr + dr_offsets,
                      dz.to(grad_residual_ptr.dtype.element_ty), mask=mask)
         lane_sum_dy += dz
@@ -185,13 +190,21 @@ def dy_sums_kernel(
              mask=c_mask)
 
     if finished_last(tickets_ptr, pid_c, num_splits, epoch):
-        k = tl.arange(0, SPLITS_P2)
-        part_mask = c_mask[:, None] & (k[None, :] < num_splits)
-        part_offsets = c[:, None] * num_splits + k[None, :]
-        sum_dy = tl.sum(tl.load(part_sum_dy_ptr + part_offsets, mask=part_mask, other=0.0),
-                        axis=1)
-        sum_dy_xhat = invstd * tl.sum(
-            tl.load(part_sum_dy_xmu_ptr + part_offsets, mask=part_mask, other=0.0), axis=1)
+        # The partials CHUNK columns at a time in a fixed order, summed lane-wise and reduced
+        # once (one chunk, CHUNK = SPLITS_P2, where that fits in stats.COMBINE_TILE values).
+        CHUNK: tl.constexpr = (SPLITS_P2 if SPLITS_P2 * BLOCK_C <= COMBINE_TILE
+                               else COMBINE_TILE // BLOCK_C)
+        part_sum_dy = tl.zeros([BLOCK_C, CHUNK], acc_dtype)
+        part_sum_dy_xmu = tl.zeros([BLOCK_C, CHUNK], acc_dtype)
+        for first_split in range(0, num_splits, CHUNK):
+            k = first_split + tl.arange(0, CHUNK)
+            part_mask = c_mask[:, None] & (k[None, :] < num_splits)
+            part_offsets = c[:, None] * num_splits + k[None, :]
+            part_sum_dy += tl.load(part_sum_dy_ptr + part_offsets, mask=part_mask, other=0.0)
+            part_sum_dy_xmu += tl.load(part_sum_dy_xmu_ptr + part_offsets, mask=part_mask,
+                                       other=0.0)
+        sum_dy = tl.sum(part_sum_dy, axis=1)
+        sum_dy_xhat = invstd * tl.sum(part_sum_dy_xmu, axis=1)
         # 1/M from the host (a float32 pair, see update_running_stats): a float64 division is
         # a called slow path whose stack frame spills here.
         count_inverse = tl.zeros([BLOCK_C], acc_dtype) + inv_count + inv_count_lo
@@ -212,6 +225,7 @@ def input_grad_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BATCH_STATS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     DZ_FROM: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr, INT64: tl.constexpr,
+    VECTOR: tl.constexpr = 1,
 ):
     """dx = γ·invstd·(dz - mean_dy - (x - mean)·invstd·mean_dy_xhat) with batch statistics
     (BATCH_STATS, coefficients from dy_sums_kernel), dx = γ·invstd·dz otherwise (x read only
@@ -237,9 +251,9 @@ def input_grad_kernel(
             stride_dyc, stride_dys, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc,
             stride_ys, stride_rn, stride_rc, stride_rs, mean, scale, shift, inv_scale, param,
             BATCH_STATS or DZ_FROM == "x" or DZ_FROM == "x_residual", ACTIVATION, DZ_FROM,
-            XHAT_FROM_OUTPUT, BLOCK_C, BLOCK_S, INT64)
+            XHAT_FROM_OUTPUT, BLOCK_C, BLOCK_S, INT64, VECTOR)
         dx_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_dxn, stride_dxc,
-                                     stride_dxs, BLOCK_C, BLOCK_S, INT64)
+                                     stride_dxs, BLOCK_C, BLOCK_S, INT64, VECTOR)
         if BATCH_STATS:
             dz = dz - mean_dy[:, None] - centred * xmu_coef[:, None]
         dx = dz * scale[:, None]

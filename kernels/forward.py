@@ -44,6 +44,7 @@ def normalize_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BATCH_STATS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, ABS_WEIGHT: tl.constexpr, INT64: tl.constexpr,
+    VECTOR: tl.constexpr = 1,
 ):
     """y[n, c, s] = act((x[n, c, s] - mean[c])·invstd[c]·γ[c] + β[c] + residual[n, c, s]).
 
@@ -79,11 +80,11 @@ def normalize_kernel(
     first, last = split_range(split, tiles_per_split, num_tiles, INT64)
     for tile in range(first, last):
         x_offsets, mask = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_xn, stride_xc,
-                                       stride_xs, BLOCK_C, BLOCK_S, INT64)
+                                       stride_xs, BLOCK_C, BLOCK_S, INT64, VECTOR)
         y_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_yn, stride_yc,
-                                    stride_ys, BLOCK_C, BLOCK_S, INT64)
+                                    stride_ys, BLOCK_C, BLOCK_S, INT64, VECTOR)
         r_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_rn, stride_rc,
-                                    stride_rs, BLOCK_C, BLOCK_S, INT64)
+                                    stride_rs, BLOCK_C, BLOCK_S, INT64, VECTOR)
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(acc_dtype)
         z = ((x - pivot[:, None]) - centre[:, None]) * scale[:, None] + shift[:, None]
         y = epilogue(z, residual_ptr, r_offsets, mask, param, HAS_RESIDUAL, ACTIVATION)

@@ -18,6 +18,12 @@ O(std) and that error disappears.
 import triton
 import triton.language as tl
 
+# Split partials the last program of a channel block combines at once, [BLOCK_C, CHUNK]: 8 a
+# thread at 4 warps, so that the combine needs fewer registers than the tile loop (a whole
+# [BLOCK_C, SPLITS_P2] of 4096 took 254 registers on sm_90, which held the whole kernel to
+# two programs an SM: registers are allocated for a kernel's fullest point).
+COMBINE_TILE = tl.constexpr(1024)
+
 
 @triton.jit
 def split_range(split, tiles_per_split, num_tiles, INT64: tl.constexpr):
@@ -31,13 +37,17 @@ def split_range(split, tiles_per_split, num_tiles, INT64: tl.constexpr):
 
 @triton.jit
 def tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_n, stride_c, stride_s,
-                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+                 VECTOR: tl.constexpr = 1):
     """Offsets and mask of tile `tile` of channel block `pid_c`: a [BLOCK_C, BLOCK_S] block.
 
     Tiles are numbered n-major: tile = n·tiles_per_n + j covers s in [j·BLOCK_S, (j+1)·BLOCK_S)
     of sample n. With INT64 (an offset, a channel's padded extent or its value count reaches
     2³¹, see plan.make_plan) the tile number is widened before anything is formed from it, so
-    no intermediate (n, j·BLOCK_S, s) wraps in 32 bits."""
+    no intermediate (n, j·BLOCK_S, s) wraps in 32 bits. VECTOR (plan.Plan.VECTOR): every row
+    starts at a multiple of VECTOR values and S is one, so the mask is constant over VECTOR
+    lanes: hints that let a row load as VECTOR-wide accesses where the specialization cannot
+    see it (S = 196: stride_c = 196 is no multiple of 16, but of 4)."""
     if INT64:
         tile = tl.cast(tile, tl.int64)  # a tensor on a GPU, a Python int in the interpreter
     n = tile // tiles_per_n
@@ -45,9 +55,12 @@ def tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_n, stride_c, stride_s,
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     if INT64:
         c = c.to(tl.int64)
-    offsets = n * stride_n + c[:, None] * stride_c + s[None, :] * stride_s
+    rows = n * stride_n + c[:, None] * stride_c
     mask = (c[:, None] < C) & (s[None, :] < S)
-    return offsets, mask
+    if VECTOR > 1:
+        rows = tl.multiple_of(rows, [VECTOR, VECTOR])
+        mask = tl.max_constancy(mask, [1, VECTOR])
+    return rows + s[None, :] * stride_s, mask
 
 
 @triton.jit
@@ -85,6 +98,25 @@ def split_counts(splits, tiles_per_split, num_tiles, tiles_per_n, S, BLOCK_S: tl
     n_last_tiles = last // tiles_per_n - first // tiles_per_n
     short = (BLOCK_S - S % BLOCK_S) % BLOCK_S  # = tiles_per_n·BLOCK_S - S, tiles_per_n = ⌈S/BLOCK_S⌉
     return (last - first) * BLOCK_S - n_last_tiles * short
+
+
+@triton.jit
+def split_partials(part_a_ptr, part_b_ptr, c, c_mask, first_split, tiles_per_split, num_tiles,
+                   tiles_per_n, S, num_splits, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
+                   LOAD_B: tl.constexpr, INT64: tl.constexpr):
+    """(part_a, part_b, counts) of splits [first_split, first_split + CHUNK) of channels
+    c: [BLOCK_C, CHUNK] partials ((C, num_splits) buffers, zero past num_splits; part_b
+    only with LOAD_B, else 0) and each split's value count, in part_a's dtype."""
+    k = first_split + tl.arange(0, CHUNK)
+    part_mask = c_mask[:, None] & (k[None, :] < num_splits)
+    part_offsets = c[:, None] * num_splits + k[None, :]
+    part_a = tl.load(part_a_ptr + part_offsets, mask=part_mask, other=0.0)
+    if LOAD_B:
+        part_b = tl.load(part_b_ptr + part_offsets, mask=part_mask, other=0.0)
+    else:
+        part_b = tl.zeros(part_a.shape, part_a.dtype)
+    counts = split_counts(k, tiles_per_split, num_tiles, tiles_per_n, S, BLOCK_S, INT64)
+    return part_a, part_b, counts.to(part_a.dtype)  # 0 past num_splits: no tiles
 
 
 @triton.jit
@@ -206,7 +238,7 @@ def batch_stats_kernel(
     stride_xn, stride_xc, stride_xs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_P2: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_COUNT: tl.constexpr, WRITE_VAR: tl.constexpr,
-    INT64: tl.constexpr,
+    INT64: tl.constexpr, VECTOR: tl.constexpr = 1,
 ):
     """mean, invstd = 1/sqrt(var + eps) (biased var) of every channel, and the running update.
 
@@ -216,9 +248,10 @@ def batch_stats_kernel(
     δ = m_t - m_a,  n = n_a + b,  m_a += δ·b/n,  M2_a += M2_t + δ²·n_a·b/n.
     The last program of the block combines the num_splits partials with counts n_k:
     mean - pivot = Σ n_k·m_k / M,   M2 = Σ (M2_k + n_k·(m_k - (mean - pivot))²),   var = M2/M,
-    over a fixed [BLOCK_C, SPLITS_P2] tile, and writes mean, invstd, centre = mean - pivot
-    (unrounded, for normalize_kernel), with WRITE_VAR var, and with UPDATE_RUNNING the running
-    statistics. x: (N, C, S), any strides, any float dtype. part_*: (C, num_splits); mean,
+    over [BLOCK_C, CHUNK] chunks of them in a fixed order (CHUNK = SPLITS_P2 ≥ num_splits,
+    one chunk, where that stays within COMBINE_TILE values), and writes mean, invstd,
+    centre = mean - pivot (unrounded, for normalize_kernel), with WRITE_VAR var, and with
+    UPDATE_RUNNING the running statistics. x: (N, C, S), any strides, any float dtype. part_*: (C, num_splits); mean,
     invstd, centre, var: (C,), all in the accumulation dtype (float32, float64 for float64
     x). tickets: int64, one per channel block, with this launch's epoch (see finished_last).
     Divisions are correctly rounded (see divide)."""
@@ -233,7 +266,7 @@ def batch_stats_kernel(
     m2 = tl.zeros([BLOCK_C], acc_dtype)
     for tile in range(first, last):
         offsets, mask = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_xn, stride_xc,
-                                     stride_xs, BLOCK_C, BLOCK_S, INT64)
+                                     stride_xs, BLOCK_C, BLOCK_S, INT64, VECTOR)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
         x = tl.where(mask, x - pivot[:, None], 0.0)
         tile_count = tile_values(tile, tiles_per_n, S, BLOCK_S, INT64).to(acc_dtype)
@@ -252,17 +285,26 @@ def batch_stats_kernel(
     tl.store(part_m2_ptr + c * num_splits + split, m2, mask=c_mask)
 
     if finished_last(tickets_ptr, pid_c, num_splits, epoch):
-        k = tl.arange(0, SPLITS_P2)
-        part_mask = c_mask[:, None] & (k[None, :] < num_splits)
-        part_offsets = c[:, None] * num_splits + k[None, :]
-        part_mean = tl.load(part_mean_ptr + part_offsets, mask=part_mask, other=0.0)
-        part_m2 = tl.load(part_m2_ptr + part_offsets, mask=part_mask, other=0.0)
-        counts = split_counts(k, tiles_per_split, num_tiles, tiles_per_n, S, BLOCK_S, INT64)
-        counts = counts.to(acc_dtype)
+        # Two passes over the partials, CHUNK columns at a time in a fixed order, summed
+        # lane-wise and reduced once: Σ n_k·m_k first, then around the centre it gives.
+        CHUNK: tl.constexpr = (SPLITS_P2 if SPLITS_P2 * BLOCK_C <= COMBINE_TILE
+                               else COMBINE_TILE // BLOCK_C)
         total = tl.zeros([BLOCK_C], acc_dtype) + M
-        centre = divide(tl.sum(part_mean * counts[None, :], axis=1), total)
-        spread = part_mean - centre[:, None]
-        var = divide(tl.sum(part_m2 + counts[None, :] * spread * spread, axis=1), total)
+        lane_sum = tl.zeros([BLOCK_C, CHUNK], acc_dtype)
+        for first_split in range(0, num_splits, CHUNK):
+            part_mean, _, counts = split_partials(
+                part_mean_ptr, part_m2_ptr, c, c_mask, first_split, tiles_per_split,
+                num_tiles, tiles_per_n, S, num_splits, BLOCK_S, CHUNK, False, INT64)
+            lane_sum += part_mean * counts[None, :]
+        centre = divide(tl.sum(lane_sum, axis=1), total)
+        lane_sum = tl.zeros([BLOCK_C, CHUNK], acc_dtype)
+        for first_split in range(0, num_splits, CHUNK):
+            part_mean, part_m2, counts = split_partials(
+                part_mean_ptr, part_m2_ptr, c, c_mask, first_split, tiles_per_split,
+                num_tiles, tiles_per_n, S, num_splits, BLOCK_S, CHUNK, True, INT64)
+            spread = part_mean - centre[:, None]
+            lane_sum += part_m2 + counts[None, :] * spread * spread
+        var = divide(tl.sum(lane_sum, axis=1), total)
         mean = pivot + centre
         tl.store(mean_ptr + c, mean, mask=c_mask)
         tl.store(invstd_ptr + c, inverse_std(var + eps_lo, eps), mask=c_mask)

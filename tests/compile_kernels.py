@@ -125,9 +125,13 @@ def loop_spans(lines: List[str]) -> List[Tuple[int, int]]:
 
 def global_accesses(ptx: str) -> Dict[str, Any]:
     """Global loads and stores by width in bits ({"ld": {"128": 4}, ...}), over the kernel and
-    inside its loops, with the loops' access lines themselves."""
+    inside its tile loops, with the loops' access lines themselves. Tile loops: every loop of
+    a kernel without atomics; those before the first atomic (the split ticket) otherwise, the
+    combine of the split partials after it being no tile loop."""
     lines = ptx.splitlines()
-    spans = loop_spans(lines)
+    atomics = [i for i, line in enumerate(lines) if _ATOMIC.match(line)]
+    spans = [(first, last) for first, last in loop_spans(lines)
+             if not atomics or last < atomics[0]]
     out: Dict[str, Any] = {"ld": {}, "st": {}, "loop_ld": {}, "loop_st": {}, "loop_lines": [],
                            "loops": len(spans)}
     for i, line in enumerate(lines):
