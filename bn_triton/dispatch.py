@@ -25,11 +25,9 @@ INTERPRETED = isinstance(normalize_kernel, InterpretedFunction)
 def backend(tensor: torch.Tensor) -> str:
     """'triton' (compiled kernels), 'triton-interpreter' (the kernels, interpreted on the CPU)
     or 'torch' (torch's batch norm) for a batch norm of `tensor`."""
-    if tensor.device.type == "cuda" and not INTERPRETED:
-        return TRITON
-    if tensor.device.type == "cpu" and INTERPRETED:
-        return INTERPRETER
-    return TORCH
+    if tensor.is_cuda:  # is_cuda / is_cpu: device.type without building a torch.device
+        return TORCH if INTERPRETED else TRITON
+    return INTERPRETER if INTERPRETED and tensor.is_cpu else TORCH
 
 
 def rerun_with_interpreter_if_no_gpu(module: str, argv: Sequence[str]) -> None:

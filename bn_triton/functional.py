@@ -118,10 +118,10 @@ def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tens
             if t is None:
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
     channels = input.size(1) if input.dim() > 1 else 0
-    params = {"weight": weight, "bias": bias, "running_mean": running_mean,
-              "running_var": running_var}
-    given = {name: t for name, t in params.items() if t is not None}
-    for name, t in given.items():
+    given = [(name, t) for name, t in (("weight", weight), ("bias", bias),
+                                       ("running_mean", running_mean),
+                                       ("running_var", running_var)) if t is not None]
+    for name, t in given:
         if t.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
         if t.dim() != 1:
@@ -129,17 +129,19 @@ def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tens
                                f"got shape {tuple(t.shape)}")
     if input.dim() < 2:
         raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
-    for name, t in given.items():
-        if t.device != input.device:
+    device, dtype = input.device, input.dtype
+    param_dtypes = set()
+    for name, t in given:
+        if t.device != device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is on "
-                               f"{t.device} and input is on {input.device}")
-    param_dtypes = {t.dtype for t in given.values()}
-    allowed = {input.dtype, torch.float32} if input.dtype in _HALF_DTYPES else {input.dtype}
-    if len(param_dtypes) > 1 or not param_dtypes <= allowed:
-        found = ", ".join(f"{name}={t.dtype}" for name, t in given.items())
+                               f"{t.device} and input is on {device}")
+        param_dtypes.add(t.dtype)
+    if param_dtypes and (len(param_dtypes) > 1 or not (
+            param_dtypes <= ({dtype, torch.float32} if dtype in _HALF_DTYPES else {dtype}))):
+        found = ", ".join(f"{name}={t.dtype}" for name, t in given)
         raise RuntimeError(f"mixed dtype: weight, bias, running_mean and running_var must share "
-                           f"one dtype, the input's ({input.dtype})"
-                           f"{' or float32' if input.dtype in _HALF_DTYPES else ''}; got {found}")
+                           f"one dtype, the input's ({dtype})"
+                           f"{' or float32' if dtype in _HALF_DTYPES else ''}; got {found}")
 
 
 def apply_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],

@@ -361,8 +361,9 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 def observed(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether anything above the kernels may need to see a call as bn_triton's ops: Dynamo
-    or export tracing, a torch.func transform, forward-mode AD, a torch function or dispatch
-    mode (FakeTensorMode, FlopCounterMode, ...), the profiler, or a tensor subclass (fake,
+    or export tracing, torch.jit.trace, a torch.func transform, forward-mode AD, a torch
+    function or dispatch mode (FakeTensorMode, FlopCounterMode, ...), the profiler, or a
+    tensor subclass (fake,
     functional, DTensor, ...). Then the call goes through the ops; a plain eager call, none
     of these, takes the launches directly. Each check is one C call or attribute read."""
     return (torch.compiler.is_compiling()
@@ -370,6 +371,7 @@ def observed(*tensors: Optional[torch.Tensor]) -> bool:
             or torch._C._is_torch_function_mode_enabled()
             or torch._C._len_torch_dispatch_stack() > 0
             or torch._C._autograd._profiler_enabled()
+            or torch._C._get_tracing_state() is not None  # torch.jit.trace
             or torch.autograd.forward_ad._current_level >= 0
             or any(type(t) not in _PLAIN_TYPES for t in tensors if t is not None))
 

@@ -46,32 +46,35 @@ class _TritonBatchNorm:
         """torch's bookkeeping (num_batches_tracked, momentum=None, which statistics), then the
         batch norm and its epilogue: on the kernels, or in torch's ops where none serves."""
         self._check_input_dim(input)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
+        # Each parameter and buffer read once: nn.Module.__getattr__ is ~1 µs a lookup.
+        running_mean, running_var = self.running_mean, self.running_var
+        weight, bias, training = self.weight, self.bias, self.training
+        bn_training = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
         # Check before counting the batch: a call that fails leaves every buffer as it was
         # (torch's own module has already incremented num_batches_tracked by then).
-        check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias,
-                              bn_training, self.eps)
+        check_batch_norm_args(input, running_mean, running_var, weight, bias, bn_training,
+                              self.eps)
         momentum = 0.0 if self.momentum is None else self.momentum
         num_batches_tracked = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                # 1/num_batches_tracked is read by the kernel: no host synchronisation, and
-                # nothing that torch.compile has to break its graph for.
-                num_batches_tracked = self.num_batches_tracked
+        if training and self.track_running_stats:
+            counter = self.num_batches_tracked
+            if counter is not None:
+                counter.add_(1)
+                if self.momentum is None:
+                    # 1/num_batches_tracked is read by the kernel: no host synchronisation,
+                    # and nothing that torch.compile has to break its graph for.
+                    num_batches_tracked = counter
         if backend(input) == TORCH:
             if num_batches_tracked is not None:
                 momentum = 1.0 / float(num_batches_tracked)
-            return composed_batch_norm(input, running_mean, running_var, self.weight, self.bias,
+            return composed_batch_norm(input, running_mean, running_var, weight, bias,
                                        bn_training, momentum, self.eps, residual,
                                        activation or IDENTITY, memory_efficient)
-        return apply_batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                bn_training, momentum, self.eps, num_batches_tracked,
-                                residual=residual, activation=activation,
-                                memory_efficient=memory_efficient)
+        return apply_batch_norm(input, running_mean, running_var, weight, bias, bn_training,
+                                momentum, self.eps, num_batches_tracked, residual=residual,
+                                activation=activation, memory_efficient=memory_efficient)
 
 
 class BatchNorm1d(_TritonBatchNorm, nn.BatchNorm1d):

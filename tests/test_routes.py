@@ -101,7 +101,7 @@ def test_observers_see_the_ops():
 
 
 @pytest.mark.parametrize("observer", ["compiling", "functorch", "function_mode", "dispatch_mode",
-                                      "profiler", "forward_ad", "subclass"])
+                                      "profiler", "forward_ad", "jit_trace", "subclass"])
 def test_observed(observer, monkeypatch):
     x = torch.randn(2, 3)
     assert not library.observed(x, torch.nn.Parameter(torch.ones(3)), None)
@@ -124,11 +124,24 @@ def test_observed(observer, monkeypatch):
     elif observer == "forward_ad":
         with torch.autograd.forward_ad.dual_level():
             assert library.observed(x)
+    elif observer == "jit_trace":
+        seen = []
+        torch.jit.trace(lambda t: seen.append(library.observed(t)) or t * 1, x)
+        assert seen == [True]
     else:
         class Tagged(torch.Tensor):
             pass
 
         assert library.observed(x.as_subclass(Tagged))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_records_the_op():
+    layer = bn_triton.BatchNorm2d(3).eval()
+    x = torch.randn(2, 3, 4, 4)
+    traced = torch.jit.trace(layer, x)
+    assert "bn_triton::batch_norm_forward" in str(traced.graph)
+    assert torch.equal(traced(x), layer(x))
 
 
 def test_eager_route_bumps_running_statistics_versions(routes):
