@@ -1,0 +1,211 @@
+"""vmap rules of the batch-norm ops (torch.library.register_vmap): torch.func.vmap, model
+ensembles, per-sample gradients, with torch's batching semantics.
+
+The vmapped dim (size B) is folded into the kernels' (N, C, S) view through strides, and the op
+runs once, never a Python loop over B:
+
+- into N, where only the input (and residual) are batched in eval: every sample shares the
+  running statistics, weight and bias, so (B, N, C, *S) is simply a batch of B·N. A view for
+  contiguous input, in either order of B and N.
+- into the channels, otherwise (training, or a batched weight, bias or running statistic, as
+  in an ensemble): each sample has its own statistics, so channel b·C + c is sample b's
+  channel c: (B, N, C, *S) -> (N, B·C, *S), per-channel (B, C) -> (B·C,). A view where the
+  sample dim's stride is C times the channels' (input laid out (N, B, C, *S), as the folded
+  output below is); otherwise a copy. Unbatched per-channel tensors are repeated (C values).
+  Outputs come back as views: y (N, B·C, *S) as (N, B, C, *S) with out_dim 1, statistics
+  (B·C,) as (B, C) with out_dim 0, so a chain of vmapped layers copies nothing more.
+
+Training updates the caller's batched running statistics in place: their (B·C,) view where
+(B, C) is contiguous, else a contiguous copy that is copied back. As torch's batch norm,
+training with a batched input and unbatched running statistics raises RuntimeError (an
+in-place update of an unbatched buffer with batched values). momentum=None with a batched
+num_batches_tracked (an ensemble's stacked buffers), where each sample has its own factor
+1/num_batches_tracked, updates the running statistics from the op's batch statistics in
+torch's ops (torch's own module cannot: it calls float() on the counter).
+
+The backward op always folds into the channels: grad_weight and grad_bias are per sample.
+The sync ops (SyncBatchNorm across ranks) have no rule: their statistics span ranks.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+UNBATCHED_RUNNING_STATS = (
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which "
+    "will be updated in place, were not batched (bn_triton::batch_norm_forward under vmap).\n"
+    "If you are using a module and do not need eval mode, please set `track_running_stats` "
+    "to be False. Otherwise stack the running statistics with the vmapped dim "
+    "(torch.func.stack_module_state) or see torch.func.replace_all_batch_norm_modules_.")
+
+
+def _front(t: Optional[torch.Tensor], bdim: Optional[int]) -> Optional[torch.Tensor]:
+    """t with its vmapped dim first (a view), or t as it is when unbatched or None."""
+    return t if t is None or bdim is None else t.movedim(bdim, 0)
+
+
+def _into_channels(t: Optional[torch.Tensor], batched: bool, B: int) -> Optional[torch.Tensor]:
+    """(B, N, C, *S) -> (N, B·C, *S): a view where strides allow, else a copy; an unbatched
+    (N, C, *S) is broadcast to every sample first (then a copy)."""
+    if t is None:
+        return None
+    if batched:
+        t = t.movedim(0, 1)
+    else:
+        t = t.unsqueeze(1).expand(t.shape[0], B, *t.shape[1:])
+    N, _, C, *S = t.shape
+    return t.reshape(N, B * C, *S)
+
+
+def _out_of_channels(t: torch.Tensor, B: int) -> torch.Tensor:
+    """(N, B·C, *S) -> (N, B, C, *S), a view (splitting one dim always is)."""
+    N, BC, *S = t.shape
+    return t.view(N, B, BC // B, *S)
+
+
+def _per_channel(t: Optional[torch.Tensor], batched: bool, B: int) -> Optional[torch.Tensor]:
+    """(B, C) -> (B·C,) (a view where contiguous), or an unbatched (C,) repeated B times."""
+    if t is None:
+        return None
+    return t.reshape(-1) if batched else t.repeat(B)
+
+
+def _flat(t: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    """(B, C) -> (B·C,): a view of t where one stride describes it, else a contiguous copy;
+    and whether it is the copy."""
+    try:
+        return t.view(-1), False
+    except RuntimeError:  # e.g. stacked with in_dims=1: (C, B) memory
+        return t.contiguous().view(-1), True
+
+
+def _raise_unbatched_stats() -> None:
+    raise RuntimeError(UNBATCHED_RUNNING_STATS)
+
+
+def _fold_into_n(x: torch.Tensor, residual: Optional[torch.Tensor], x_batched: bool,
+                 r_batched: bool, B: int):
+    """(B, N, C, *S) -> (B·N, C, *S) for x and residual, in the order (B outer or N outer) in
+    which x's strides make it a view; the out_dim of the result's (B, N) or (N, B) split."""
+    if not x_batched:  # only the residual is batched: x is broadcast (a copy)
+        x = x.unsqueeze(0).expand(B, *x.shape)
+    if residual is not None and not r_batched:
+        residual = residual.unsqueeze(0).expand(B, *residual.shape)
+    # N outer where x is laid out (N, B, ...) (in_dims=1, or a folded output): then (N, B)
+    # merges into a view; B outer otherwise (a view for contiguous x, else a copy).
+    order = 1 if x.shape[0] > 1 and x.shape[1] > 1 and x.stride(1) == x.stride(0) * B else 0
+    if order == 1:
+        x, residual = x.movedim(0, 1), None if residual is None else residual.movedim(0, 1)
+    folded = [t if t is None else t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+              for t in (x, residual)]
+    return folded[0], folded[1], order
+
+
+def batch_norm_forward_vmap(info, in_dims: Sequence[Optional[int]], input, weight, bias,
+                            running_mean, running_var, num_batches_tracked, training, momentum,
+                            eps, residual=None, activation="identity", activation_param=0.0,
+                            memory_efficient=False):
+    """bn_triton::batch_norm_forward over a vmapped dim (see the module docstring)."""
+    B = info.batch_size
+    dims = list(in_dims) + [None] * (13 - len(in_dims))
+    x_bd, w_bd, b_bd, rm_bd, rv_bd, nbt_bd = dims[:6]
+    r_bd = dims[9]
+    input, weight, bias = _front(input, x_bd), _front(weight, w_bd), _front(bias, b_bd)
+    running_mean, running_var = _front(running_mean, rm_bd), _front(running_var, rv_bd)
+    num_batches_tracked = _front(num_batches_tracked, nbt_bd)
+    residual = _front(residual, r_bd)
+    tail = (activation, activation_param, memory_efficient)
+    op = torch.ops.bn_triton.batch_norm_forward
+
+    per_channel_batched = any(d is not None for d in (w_bd, b_bd, rm_bd, rv_bd))
+    if not training and not per_channel_batched:
+        x, r, order = _fold_into_n(input, residual, x_bd is not None, r_bd is not None, B)
+        y, mean, invstd = op(x, weight, bias, running_mean, running_var, None, False,
+                             momentum, eps, r, *tail)
+        split = (B, y.shape[0] // B) if order == 0 else (y.shape[0] // B, B)
+        return (y.view(*split, *y.shape[1:]), mean, invstd), (order, None, None)
+
+    updates = training and running_mean is not None
+    if updates and (rm_bd is None or rv_bd is None):
+        # torch: an in-place update of an unbatched buffer with batched values. Every other
+        # batched argument makes the statistics (and so the update) per sample.
+        _raise_unbatched_stats()
+    x = _into_channels(input, x_bd is not None, B)
+    r = _into_channels(residual, r_bd is not None, B)
+    w = _per_channel(weight, w_bd is not None, B)
+    b = _per_channel(bias, b_bd is not None, B)
+    per_sample_factor = updates and num_batches_tracked is not None and nbt_bd is not None
+    if not updates or per_sample_factor:
+        if updates:  # momentum=None, one factor per sample: updated below in torch's ops
+            y, mean, invstd = op(x, w, b, None, None, None, True, momentum, eps, r, *tail)
+            _update_per_sample(running_mean, running_var, num_batches_tracked, mean, invstd,
+                               eps, x.numel() // x.shape[1], B)
+        else:
+            rm = _per_channel(running_mean, rm_bd is not None, B)
+            rv = _per_channel(running_var, rv_bd is not None, B)
+            y, mean, invstd = op(x, w, b, rm, rv, None, training, momentum, eps, r, *tail)
+    else:
+        # The kernel writes the running statistics: their (B·C,) views when (B, C) is
+        # contiguous, else contiguous copies written back after the launch.
+        (rm, rm_copied), (rv, rv_copied) = _flat(running_mean), _flat(running_var)
+        y, mean, invstd = op(x, w, b, rm, rv, num_batches_tracked, True, momentum, eps, r,
+                             *tail)
+        for flat, copied, buffer in ((rm, rm_copied, running_mean),
+                                     (rv, rv_copied, running_var)):
+            if copied:
+                buffer.copy_(flat.view(buffer.shape))
+    return ((_out_of_channels(y, B), mean.view(B, -1), invstd.view(B, -1)), (1, 0, 0))
+
+
+def _update_per_sample(running_mean: torch.Tensor, running_var: torch.Tensor,
+                       num_batches_tracked: torch.Tensor, mean: torch.Tensor,
+                       invstd: torch.Tensor, eps: float, count: int, B: int) -> None:
+    """running = (1 - f)·running + f·batch with f = 1/num_batches_tracked per sample (B,), the
+    variance unbiased over count values, as the kernels update it; in place, on the device."""
+    factor = num_batches_tracked.reshape(B, 1).to(mean.dtype).reciprocal()
+    var = invstd.pow(-2).sub_(eps)  # the biased batch variance, back from invstd
+    unbiased = var.mul_(count / (count - 1) if count > 1 else float("nan"))
+    running_mean.copy_(torch.lerp(running_mean.to(mean.dtype), mean.view(B, -1), factor))
+    running_var.copy_(torch.lerp(running_var.to(mean.dtype), unbiased.view(B, -1), factor))
+
+
+def batch_norm_backward_vmap(info, in_dims: Sequence[Optional[int]], grad_output, input,
+                             output, residual, weight, bias, mean, invstd, training,
+                             output_mask, bias_dtype, has_residual=False,
+                             activation="identity", activation_param=0.0,
+                             memory_efficient=False, eps=0.0):
+    """bn_triton::batch_norm_backward over a vmapped dim: always folded into the channels, so
+    grad_weight and grad_bias are per sample (B, C) and grad_input (N, B, C, *S), out_dim 1."""
+    B = info.batch_size
+    dims = list(in_dims) + [None] * (16 - len(in_dims))
+    images = [_into_channels(_front(t, d), d is not None, B)
+              for t, d in zip((grad_output, input, output, residual), dims[:4])]
+    channels = [_per_channel(_front(t, d), d is not None, B)
+                for t, d in zip((weight, bias, mean, invstd), dims[4:8])]
+    grads = torch.ops.bn_triton.batch_norm_backward(
+        *images, *channels, training, output_mask, bias_dtype, has_residual, activation,
+        activation_param, memory_efficient, eps)
+    outputs: List[torch.Tensor] = []
+    out_dims: List[Optional[int]] = []
+    for i, grad in enumerate(grads):
+        if grad.numel() == 0 and grad.dim() == 1 and grad.shape[0] == 0:
+            outputs.append(grad)  # not asked for (or grad_output itself): no vmapped dim
+            out_dims.append(None)
+        elif i in (0, 3):
+            outputs.append(_out_of_channels(grad, B))
+            out_dims.append(1)
+        else:
+            outputs.append(grad.view(B, -1))
+            out_dims.append(0)
+    return tuple(outputs), tuple(out_dims)
+
+
+def _register() -> Tuple[None, None]:
+    return (torch.library.register_vmap("bn_triton::batch_norm_forward",
+                                        batch_norm_forward_vmap),
+            torch.library.register_vmap("bn_triton::batch_norm_backward",
+                                        batch_norm_backward_vmap))
+
+
+_register()

@@ -1,0 +1,265 @@
+"""torch.func.vmap over bn_triton (issue 18, part 1): the functional call, the modules, the fused
+epilogue, per-sample gradients and model ensembles, against torch's batch norm under the same
+transform (or, where torch's cannot run, the loop over the samples), with the kernels proven
+to have run once per call, not once per vmapped sample (the launches fixture)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
+
+import bn_triton
+from bn_triton import batching, functional, library, plan  # noqa: F401  (batching: vmap rules)
+from conftest import stat_tolerance, tolerance
+
+TOL = tolerance(torch.float32)
+STAT_TOL = stat_tolerance(torch.float32)
+B, N, C, H = 3, 4, 2, 5  # B: the vmapped dim; each sample (N, C, H, H)
+
+
+@pytest.fixture(autouse=True)
+def _until_library_and_functional_have_it(monkeypatch):
+    # The Function's own vmap rule (generate_vmap_rule), until library.py sets it.
+    monkeypatch.setattr(library.BatchNormFunction, "generate_vmap_rule", True, raising=False)
+
+    # vmap's BatchedTensor cannot be asked is_contiguous(channels_last) ("NYI"): under a
+    # transform functional.apply_batch_norm must leave kernel_ready to the launches.
+    def kernel_ready(t):
+        return t if torch._C._are_functorch_transforms_active() else plan.kernel_ready(t)
+
+    monkeypatch.setattr(functional, "kernel_ready", kernel_ready)
+
+
+def stats(C: int = C, batch: int = 0):
+    shape = (batch, C) if batch else (C,)
+    return torch.randn(shape), torch.rand(shape) + 0.5
+
+
+def test_functional_training_per_sample_statistics(launches):
+    x = torch.randn(B, N, C, H, H)
+    w, b = torch.randn(C), torch.randn(C)
+    ours = vmap(lambda x: bn_triton.batch_norm(x, None, None, w, b, training=True))(x)
+    theirs = vmap(lambda x: F.batch_norm(x, None, None, w, b, training=True))(x)
+    torch.testing.assert_close(ours, theirs, **TOL, msg="vmap(batch_norm) training")
+    assert launches.batch_stat_calls() == 1 and launches.forward_calls() == 1
+
+
+def test_functional_eval_folds_into_n(launches):
+    x = torch.randn(B, N, C, H, H)
+    rm, rv = stats()
+    ours = vmap(lambda x: bn_triton.batch_norm(x, rm, rv))(x)
+    theirs = vmap(lambda x: F.batch_norm(x, rm, rv))(x)
+    torch.testing.assert_close(ours, theirs, **TOL, msg="vmap(batch_norm) eval")
+    assert launches.forward_calls() == 1 and launches.batch_stat_calls() == 0
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "training"])
+def test_modules(training, launches):
+    x = torch.randn(B, N, C, H, H)
+    theirs_bn = nn.BatchNorm2d(C, track_running_stats=not training)
+    with torch.no_grad():
+        theirs_bn.weight.normal_(), theirs_bn.bias.normal_()
+        if not training:
+            theirs_bn.running_mean.normal_(), theirs_bn.running_var.uniform_(0.5, 1.5)
+    ours_bn = bn_triton.convert_batchnorm(copy.deepcopy(theirs_bn))
+    assert isinstance(ours_bn, bn_triton.BatchNorm2d)
+    theirs_bn.train(training), ours_bn.train(training)
+    torch.testing.assert_close(vmap(ours_bn)(x), vmap(theirs_bn)(x), **TOL,
+                               msg=f"vmap(BatchNorm2d) training={training}")
+    assert launches.forward_calls() == 1
+
+
+def test_batchnorm1d_2d_input(launches):
+    x = torch.randn(B, 6, C)
+    ours_bn = bn_triton.BatchNorm1d(C, track_running_stats=False)
+    theirs_bn = nn.BatchNorm1d(C, track_running_stats=False)
+    torch.testing.assert_close(vmap(ours_bn)(x), vmap(theirs_bn)(x), **TOL,
+                               msg="vmap(BatchNorm1d) on (N, C) samples")
+    assert launches.forward_calls() == 1
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "training"])
+def test_batchnorm_act_relu_residual(training, launches):
+    x, residual = torch.randn(B, N, C, H, H), torch.randn(B, N, C, H, H)
+    ours_bn = bn_triton.BatchNormAct2d(C, act_layer="relu", track_running_stats=not training)
+    theirs_bn = nn.BatchNorm2d(C, track_running_stats=not training)
+    with torch.no_grad():
+        for bn in (ours_bn, theirs_bn):
+            bn.weight.copy_(torch.arange(1.0, C + 1)), bn.bias.fill_(0.25)
+    ours_bn.train(training), theirs_bn.train(training)
+    ours = vmap(ours_bn)(x, residual)
+    theirs = vmap(lambda x, r: F.relu(theirs_bn(x) + r))(x, residual)
+    torch.testing.assert_close(ours, theirs, **TOL, msg=f"BatchNormAct2d relu + residual, "
+                                                        f"training={training}")
+    assert launches.forward_calls() == 1
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "training"])
+def test_in_dims_1_out_dims_1(training, launches):
+    x = torch.randn(N, B, C, H, H)  # vmapped over dim 1: memory (N, B, C, ...)
+    rm, rv = stats()
+    w = torch.randn(C, B)  # a batched weight, vmapped over dim 1 too
+
+    def fn(module):
+        return vmap(lambda x, w: module.batch_norm(x, None if training else rm,
+                                                   None if training else rv, w,
+                                                   training=training),
+                    in_dims=(1, 1), out_dims=1)
+
+    ours, theirs = fn(bn_triton)(x, w), fn(F)(x, w)
+    assert ours.shape == (N, B, C, H, H)
+    torch.testing.assert_close(ours, theirs, **TOL, msg="in_dims=1, out_dims=1")
+    assert launches.forward_calls() == 1
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "training"])
+def test_nested_vmap(training, launches):
+    x = torch.randn(2, B, N, C, H, H)
+    rm, rv = stats()
+
+    def fn(module):
+        one = lambda x: module.batch_norm(x, None if training else rm,  # noqa: E731
+                                          None if training else rv, training=training)
+        return vmap(vmap(one), in_dims=1)
+
+    torch.testing.assert_close(fn(bn_triton)(x), fn(F)(x), **TOL, msg="nested vmap")
+    assert launches.forward_calls() == 1
+
+
+def test_training_with_unbatched_running_stats_raises_like_torch(launches):
+    x = torch.randn(B, N, C, H, H)
+    rm, rv = stats()
+    before = rm.clone(), rv.clone()
+    with pytest.raises(RuntimeError, match="were not batched") as theirs:
+        vmap(lambda x: F.batch_norm(x, rm, rv, training=True))(x)
+    with pytest.raises(type(theirs.value), match="were not batched"):
+        vmap(lambda x: bn_triton.batch_norm(x, rm, rv, training=True))(x)
+    with pytest.raises(RuntimeError, match="track_running_stats"):
+        vmap(bn_triton.BatchNorm2d(C))(x)
+    torch.testing.assert_close(rm, before[0]), torch.testing.assert_close(rv, before[1])
+    assert launches.forward_calls() == 0
+
+
+@pytest.mark.parametrize("in_dim", [0, 1], ids=["stacked", "transposed"])
+def test_training_updates_batched_running_stats_in_place(in_dim, launches):
+    """Each sample's running statistics updated as F.batch_norm updates them in a loop. Not
+    torch's vmap here: with in_dims=1 it returns the right output and leaves the statistics
+    as they were (torch 2.13: its rule updates a copy)."""
+    x = torch.randn(B, N, C, H, H)
+    rm, rv = stats(batch=B)
+    rm, rv = (rm, rv) if in_dim == 0 else (rm.t().contiguous(), rv.t().contiguous())
+    looped_rm, looped_rv = rm.clone(), rv.clone()
+    ours = vmap(lambda x, m, v: bn_triton.batch_norm(x, m, v, training=True),
+                in_dims=(0, in_dim, in_dim))(x, rm, rv)
+    looped = torch.stack([F.batch_norm(x[i], looped_rm.select(in_dim, i),
+                                       looped_rv.select(in_dim, i), training=True)
+                          for i in range(B)])
+    torch.testing.assert_close(ours, looped, **TOL, msg="batched running stats: output")
+    torch.testing.assert_close(rm, looped_rm, **STAT_TOL, msg="running_mean, per sample")
+    torch.testing.assert_close(rv, looped_rv, **STAT_TOL, msg="running_var, per sample")
+    assert launches.batch_stat_calls() == 1
+
+
+def test_replace_all_batch_norm_modules(launches):
+    theirs = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                           nn.Conv2d(4, C, 1), nn.BatchNorm2d(C))
+    ours = bn_triton.convert_batchnorm(copy.deepcopy(theirs))
+    torch.func.replace_all_batch_norm_modules_(theirs)
+    torch.func.replace_all_batch_norm_modules_(ours)
+    for bn in (ours[1], ours[4]):
+        assert isinstance(bn, bn_triton.BatchNorm2d) and bn.running_mean is None
+    x = torch.randn(B, N, C, H, H)
+    torch.testing.assert_close(vmap(ours)(x), vmap(theirs)(x), **TOL,
+                               msg="replace_all_batch_norm_modules_ then vmap")
+    assert launches.batch_stat_calls() == 2
+
+
+def test_per_sample_gradients(launches):
+    """vmap(grad(loss)), the per-sample-gradient recipe: each sample a batch of one image."""
+    theirs = nn.Sequential(nn.Conv2d(C, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU())
+    torch.func.replace_all_batch_norm_modules_(theirs)
+    ours = bn_triton.convert_batchnorm(copy.deepcopy(theirs))
+    x, target = torch.randn(B, C, H, H), torch.randn(B, 3, H, H)
+
+    def per_sample_grads(model):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss(params, x, target):
+            out = functional_call(model, params, (x.unsqueeze(0),))
+            return F.mse_loss(out, target.unsqueeze(0))
+
+        return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, target)
+
+    ours_grads, theirs_grads = per_sample_grads(ours), per_sample_grads(theirs)
+    for name, theirs_grad in theirs_grads.items():
+        assert ours_grads[name].shape == (B, *theirs_grad.shape[1:])
+        torch.testing.assert_close(ours_grads[name], theirs_grad, **TOL,
+                                   msg=f"per-sample grad of {name}")
+    assert launches.batch_stat_calls() == 1 and launches.backward_calls() == 1
+
+
+def test_jacrev_over_training_batch_norm(launches):
+    """jacrev vmaps the backward over the rows of the Jacobian: grad_output batched, the input
+    and the statistics not."""
+    x, w = torch.randn(3, C, 2), torch.randn(C)
+    ours = jacrev(lambda x: bn_triton.batch_norm(x, None, None, w, training=True))(x)
+    theirs = jacrev(lambda x: F.batch_norm(x, None, None, w, training=True))(x)
+    torch.testing.assert_close(ours, theirs, **TOL, msg="jacrev")
+    assert launches.backward_calls() == 1
+
+
+class Block(nn.Module):
+    """conv-bn-relu, conv-bn, + identity, relu: a ResNet basic block, small."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + x)
+
+
+def small_resnet(momentum=0.1) -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False),
+                          nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(), Block(4),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = momentum
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5), module.bias.normal_()
+                module.running_mean.normal_(), module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("training,momentum", [(False, 0.1), (True, 0.1), (True, None)],
+                         ids=["eval", "training", "training-momentum-None"])
+def test_ensemble_equals_loop(training, momentum, launches):
+    """PyTorch's ensembling recipe over three converted models: stack_module_state,
+    functional_call, vmap; equal to the loop over torch's models, running statistics
+    included (each model's own, updated in place in the stacked buffers)."""
+    theirs = [small_resnet(momentum).train(training) for _ in range(3)]
+    ours = [bn_triton.convert_batchnorm(copy.deepcopy(m)) for m in theirs]
+    if momentum is None:  # each model a different count: a different factor per model
+        for i, model in enumerate(ours + theirs):
+            for module in model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.num_batches_tracked.fill_(i % 3)
+    params, buffers = stack_module_state(ours)
+    base = copy.deepcopy(ours[0]).to("meta")
+    x = torch.randn(2, 3, 4, 4)  # one minibatch for every model
+    launches.clear()
+    out = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)),
+               in_dims=(0, 0, None))(params, buffers, x)
+    assert launches.forward_calls() == 3  # one per layer, for all three models
+    expected = torch.stack([model(x) for model in theirs])
+    torch.testing.assert_close(out, expected, **TOL, msg="ensemble output")
+    for name, stacked in buffers.items():
+        looped = torch.stack([model.get_buffer(name) for model in theirs])
+        torch.testing.assert_close(stacked, looped, **STAT_TOL, msg=f"ensemble buffer {name}")
