@@ -71,9 +71,12 @@ def _per_channel(t: Optional[torch.Tensor], batched: bool, B: int) -> Optional[t
     return t.reshape(-1) if batched else t.repeat(B)
 
 
-def _flat(t: torch.Tensor) -> Tuple[torch.Tensor, bool]:
-    """(B, C) -> (B·C,): a view of t where one stride describes it, else a contiguous copy;
-    and whether it is the copy."""
+def _for_update(t: torch.Tensor, batched: bool, B: int) -> Tuple[torch.Tensor, bool]:
+    """A running statistic as the kernel writes it, (B·C,), and whether it must be copied
+    back: a view of a batched (B, C) where one stride describes it, else a contiguous copy;
+    an unbatched (C,) repeated."""
+    if not batched:
+        return t.repeat(B), True
     try:
         return t.view(-1), False
     except RuntimeError:  # e.g. stacked with in_dims=1: (C, B) memory
@@ -127,34 +130,38 @@ def batch_norm_forward_vmap(info, in_dims: Sequence[Optional[int]], input, weigh
         return (y.view(*split, *y.shape[1:]), mean, invstd), (order, None, None)
 
     updates = training and running_mean is not None
-    if updates and (rm_bd is None or rv_bd is None):
-        # torch: an in-place update of an unbatched buffer with batched values. Every other
-        # batched argument makes the statistics (and so the update) per sample.
+    stats_batched = rm_bd is not None and rv_bd is not None
+    if updates and not stats_batched and (x_bd is not None or nbt_bd is not None):
+        # torch: an in-place update of an unbatched buffer with batched values.
         _raise_unbatched_stats()
     x = _into_channels(input, x_bd is not None, B)
     r = _into_channels(residual, r_bd is not None, B)
     w = _per_channel(weight, w_bd is not None, B)
     b = _per_channel(bias, b_bd is not None, B)
-    per_sample_factor = updates and num_batches_tracked is not None and nbt_bd is not None
-    if not updates or per_sample_factor:
-        if updates:  # momentum=None, one factor per sample: updated below in torch's ops
-            y, mean, invstd = op(x, w, b, None, None, None, True, momentum, eps, r, *tail)
-            _update_per_sample(running_mean, running_var, num_batches_tracked, mean, invstd,
-                               eps, x.numel() // x.shape[1], B)
-        else:
-            rm = _per_channel(running_mean, rm_bd is not None, B)
-            rv = _per_channel(running_var, rv_bd is not None, B)
-            y, mean, invstd = op(x, w, b, rm, rv, None, training, momentum, eps, r, *tail)
+    if not updates:
+        rm = _per_channel(running_mean, rm_bd is not None, B)
+        rv = _per_channel(running_var, rv_bd is not None, B)
+        y, mean, invstd = op(x, w, b, rm, rv, None, training, momentum, eps, r, *tail)
+    elif num_batches_tracked is not None and nbt_bd is not None:
+        # momentum=None with one count per sample: one factor per sample, which the kernels
+        # (one factor a launch) do not take; the update runs in torch's ops below.
+        y, mean, invstd = op(x, w, b, None, None, None, True, momentum, eps, r, *tail)
+        _update_per_sample(running_mean, running_var, num_batches_tracked, mean, invstd,
+                           eps, x.numel() // x.shape[1], B)
     else:
-        # The kernel writes the running statistics: their (B·C,) views when (B, C) is
-        # contiguous, else contiguous copies written back after the launch.
-        (rm, rm_copied), (rv, rv_copied) = _flat(running_mean), _flat(running_var)
+        # The kernel writes the running statistics: batched ones through their (B·C,) views
+        # when (B, C) is one stride, else contiguous copies written back after the launch.
+        # Unbatched ones (only a weight, bias or residual is batched, so every sample has the
+        # input's statistics and the same update, as in torch) are repeated, and one
+        # sample's update written back.
+        rm, rm_back = _for_update(running_mean, rm_bd is not None, B)
+        rv, rv_back = _for_update(running_var, rv_bd is not None, B)
         y, mean, invstd = op(x, w, b, rm, rv, num_batches_tracked, True, momentum, eps, r,
                              *tail)
-        for flat, copied, buffer in ((rm, rm_copied, running_mean),
-                                     (rv, rv_copied, running_var)):
-            if copied:
-                buffer.copy_(flat.view(buffer.shape))
+        for flat, back, buffer in ((rm, rm_back, running_mean), (rv, rv_back, running_var)):
+            if back:
+                buffer.copy_(flat.view(B, -1)[0] if buffer.dim() == 1 else
+                             flat.view(buffer.shape))
     return ((_out_of_channels(y, B), mean.view(B, -1), invstd.view(B, -1)), (1, 0, 0))
 
 

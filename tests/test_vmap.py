@@ -162,6 +162,20 @@ def test_training_updates_batched_running_stats_in_place(in_dim, launches):
     assert launches.batch_stat_calls() == 1
 
 
+def test_training_unbatched_input_and_running_stats_with_batched_weight(launches):
+    """Only the weight batched: every sample has the input's statistics, so torch updates the
+    unbatched running statistics once, as without vmap; so does bn_triton."""
+    x, w = torch.randn(N, C, H, H), torch.randn(B, C)
+    rm, rv = stats()
+    theirs_rm, theirs_rv = rm.clone(), rv.clone()
+    ours = vmap(lambda w: bn_triton.batch_norm(x, rm, rv, w, training=True))(w)
+    theirs = vmap(lambda w: F.batch_norm(x, theirs_rm, theirs_rv, w, training=True))(w)
+    torch.testing.assert_close(ours, theirs, **TOL, msg="batched weight: output")
+    torch.testing.assert_close(rm, theirs_rm, **STAT_TOL, msg="running_mean")
+    torch.testing.assert_close(rv, theirs_rv, **STAT_TOL, msg="running_var")
+    assert launches.batch_stat_calls() == 1
+
+
 def test_replace_all_batch_norm_modules(launches):
     theirs = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                            nn.Conv2d(4, C, 1), nn.BatchNorm2d(C))
@@ -263,3 +277,76 @@ def test_ensemble_equals_loop(training, momentum, launches):
     for name, stacked in buffers.items():
         looped = torch.stack([model.get_buffer(name) for model in theirs])
         torch.testing.assert_close(stacked, looped, **STAT_TOL, msg=f"ensemble buffer {name}")
+
+
+@pytest.fixture
+def forward_inputs(monkeypatch):
+    """The tensors the forward launches receive: (input, running_mean) of each call."""
+    from bn_triton import launch
+    seen = []
+    original = launch.batch_norm_forward
+
+    def spy(input, weight, bias, running_mean, *args, **kwargs):
+        seen.append((input, running_mean))
+        return original(input, weight, bias, running_mean, *args, **kwargs)
+
+    monkeypatch.setattr(launch, "batch_norm_forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("training,in_dim", [(False, 0), (False, 1), (True, 1)],
+                         ids=["eval-B-outer", "eval-N-outer", "training-(N,B,C)-memory"])
+def test_folding_is_a_view_where_strides_allow(training, in_dim, forward_inputs, launches):
+    """Eval folds B into N without a copy in either order; training folds B into the channels
+    without a copy where the memory is (N, B, C, *S), as the vmapped output of a training
+    call is (so a chain of layers copies nothing), and the kernel writes the stacked running
+    statistics themselves."""
+    shape = [N, C, H, H]
+    shape.insert(in_dim, B)
+    x = torch.randn(shape)
+    rm, rv = stats(batch=B) if training else stats()
+    stat_dim = 0 if training else None
+    fn = vmap(lambda x, m, v: bn_triton.batch_norm(x, m, v, training=training),
+              in_dims=(in_dim, stat_dim, stat_dim))
+    y = fn(x, rm, rv)
+    (folded, folded_rm), = forward_inputs
+    assert folded.data_ptr() == x.data_ptr() and folded.numel() == x.numel()
+    if training:
+        assert folded_rm.data_ptr() == rm.data_ptr()
+        forward_inputs.clear()
+        fn = vmap(lambda x, m, v: bn_triton.batch_norm(x, m, v, training=True))
+        fn(y, rm, rv)  # y: (B, N, C, ...) logically, (N, B, C, ...) in memory
+        (again, _), = forward_inputs
+        assert again.data_ptr() == y.data_ptr()
+    assert launches.forward_calls() == (2 if training else 1)
+
+
+def test_sync_batch_norm_outside_a_group(launches):
+    x = torch.randn(B, N, C, H, H)
+    ours = bn_triton.SyncBatchNorm(C, track_running_stats=False)
+    theirs = nn.BatchNorm2d(C, track_running_stats=False)
+    torch.testing.assert_close(vmap(ours)(x), vmap(theirs)(x), **TOL,
+                               msg="vmap(SyncBatchNorm) without a process group")
+    assert launches.forward_calls() == 1
+
+
+def test_ensemble_gradients_equal_loop(launches):
+    """vmap(grad(loss)) over the stacked models in training: per-model gradients (the
+    backward rule with batched weights), equal to each torch model's backward."""
+    theirs = [small_resnet() for _ in range(3)]
+    ours = [bn_triton.convert_batchnorm(copy.deepcopy(m)) for m in theirs]
+    params, buffers = stack_module_state(ours)
+    params = {k: v.detach() for k, v in params.items()}
+    base = copy.deepcopy(ours[0]).to("meta")
+    x, target = torch.randn(2, 3, 4, 4), torch.randn(2, 5)
+
+    def loss(p, b, x):
+        return F.mse_loss(functional_call(base, (p, b), (x,)), target)
+
+    grads = vmap(grad(loss), in_dims=(0, 0, None))(params, buffers, x)
+    assert launches.backward_calls() == 3  # one per layer, for all three models
+    for model in theirs:
+        F.mse_loss(model(x), target).backward()
+    for name, stacked in grads.items():
+        looped = torch.stack([model.get_parameter(name).grad for model in theirs])
+        torch.testing.assert_close(stacked, looped, **TOL, msg=f"ensemble grad of {name}")
