@@ -121,14 +121,18 @@ def tile_shape(C: int, S: int, channels_contiguous: bool, element_size: int,
     return block_c, block_s
 
 
-def vector_width(S: int, block_s: int, strides: Sequence[Strides], element_size: int) -> int:
+def vector_width(S: int, block_c: int, block_s: int, strides: Sequence[Strides],
+                 element_size: int) -> int:
     """The hint of the split kernels' tile rows (kernels/stats.tile_offsets): where rows run
     along S in every tensor of the call (stride_s = 1), the most values up to 16 bytes' worth
     that S, BLOCK_S and every n- and c-stride are multiples of, so that rows load and store as
     128-bit accesses where the launch's specialization (multiples of 16 only) cannot see it:
     S = 196 in float32 has stride_c = 196, a multiple of 4. 1 otherwise. The wide accesses
-    still need 16-byte aligned pointers, which Triton specializes on."""
-    if any(stride_s != 1 for _, _, stride_s in strides):
+    still need 16-byte aligned pointers, which Triton specializes on. Not for one-row tiles
+    (BLOCK_C = 1, S > 1024): Triton 3.9's coalescing pass asserts on the hints there
+    (AxisInfo: divisibility.size() == contiguity.size()), and their rows are long enough
+    that a multiple-of-16 S is seen anyway."""
+    if block_c == 1 or any(stride_s != 1 for _, _, stride_s in strides):
         return 1
     vector = max(1, 16 // element_size)
     values = [S, block_s] + [stride for sn, sc, _ in strides for stride in (sn, sc)]
@@ -263,9 +267,13 @@ def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.de
         block_c, block_n, block_s = slab
         extents = (block_c, block_n, block_s)
     else:
-        # max_tile counts float32 values: a half tile holds as many bytes (twice the values).
+        # max_tile counts float32 values: a half tile holds as many bytes (twice the values),
+        # except where its rows are scalars (odd S along the rows: 7x7 maps), each value an
+        # address of its own: 4096 of them spilled 192 bytes (dy_sums with relu and a
+        # residual, bfloat16, sm_90).
+        wide = element_size < 4 and (channels_contiguous or S % 2 == 0)
         block_c, block_s = tile_shape(C, S, channels_contiguous, element_size,
-                                      max_tile * max(1, 4 // element_size))
+                                      max_tile * (4 // element_size) if wide else max_tile)
         tiles_per_n = triton.cdiv(S, block_s)
         extents = (block_c, N, tiles_per_n * block_s)
     # The largest offset a tile may form, masked lanes included, and the largest index along
@@ -293,7 +301,7 @@ def make_plan(shape: Sequence[int], strides: Sequence[Strides], device: torch.de
         # num_tiles), which gives splits to 2·splits.
         tiles_per_split = num_tiles // splits
     splits = triton.cdiv(num_tiles, tiles_per_split)  # no split is left empty
-    return Plan(**common, VECTOR=vector_width(S, block_s, strides, element_size),
+    return Plan(**common, VECTOR=vector_width(S, block_c, block_s, strides, element_size),
                 tiles_per_n=tiles_per_n, num_tiles=num_tiles,
                 tiles_per_split=tiles_per_split, num_splits=splits)
 
