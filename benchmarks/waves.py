@@ -17,7 +17,9 @@ and a 108-SM A100. Per launch:
   vec           the split kernels' VECTOR hint (plan.vector_width): values an access where
                 rows run along S;
 and with --access (compiled by tests/compile_kernels.py for sm_90, which takes seconds a
-kernel: the ResNet-50 b32 cases only) the widths of the tile loop's global loads and stores.
+kernel: by default the ResNet-50 b32 cases and b256's 1024x14x14, see --access-case) the
+widths of the tile loop's global loads and stores (a slab's: the whole kernel's), the
+registers and spills.
 
 rows() returns the table rows, for `python -m benchmarks` to call.
 """
@@ -45,12 +47,13 @@ MIN_BYTES = 4 * 2**20
 # Little's law: an H200 streams ~4.8 TB/s at ~650 ns loaded DRAM latency, 3.1 MB in flight,
 # 24 KiB per SM of 132 (an H100's 3.35 TB/s needs 17 KiB, an A100's 2.0 TB/s at ~600 ns 11 KiB).
 IN_FLIGHT_TARGET = 24 * 2**10
-# Registers a thread of each split kernel takes at most in the plain training launches
-# (identity, no residual) of 16- and 32-bit input on sm_80/sm_90, which tests/test_compile.py
-# asserts: what bounds the programs an SM holds at once (65536 / (128 threads x registers) at
-# 4 warps: 5 of 96, 4 of 128, 3 of 168). The largest seen: half tiles of 14x14 maps (16 x 256
-# values, 32 a thread) at 127 / 72 / 143 / 96.
-SPLIT_REGISTERS = {"batch_stats_kernel": 128, "normalize_kernel": 96, "dy_sums_kernel": 168,
+# Registers a thread of each split kernel takes at most in the plain training and eval
+# launches (identity, no residual) of 16- and 32-bit input on sm_80/sm_90, which
+# tests/test_compile.py asserts: what bounds the programs an SM holds at once (65536 / (128
+# threads x registers) at 4 warps: 5 of 96, 4 of 128, 3 of 168). The largest seen: half tiles
+# of 14x14 maps (16 x 256 values, 32 a thread) at 127 (batch_stats) and 143 (dy_sums), the
+# eval normalize of 7x7 maps (scalar rows, an address a value) at 127, input_grad at 96.
+SPLIT_REGISTERS = {"batch_stats_kernel": 128, "normalize_kernel": 128, "dy_sums_kernel": 168,
                    "input_grad_kernel": 96}
 # A slab program's registers, per slab value a thread holds: ptxas gives 48-80 registers at 16
 # values a thread (ResNet-50's 7x7 maps, an MLP's BN1d in bfloat16, forward and backward), and
@@ -228,7 +231,10 @@ def meets_target(row: Dict[str, Any]) -> bool:
 
 
 # ------------------------------------------------------------------------ compiled accesses
-def access_widths(patterns: Sequence[str] = ("resnet50-b32",),
+ACCESS_CASES = ("resnet50-b32", "resnet50-b256-1024x14x14")
+
+
+def access_widths(patterns: Sequence[str] = ACCESS_CASES,
                   dtypes: Sequence[str] = ("fp32", "bf16")) -> Dict[str, Dict[str, Any]]:
     """{(case/dtype): [per launch: {"kernel", "ld", "st"}]} of the tile loops' global accesses
     (bits: count) on sm_90, by tests/compile_kernels.py in a subprocess without the
@@ -307,11 +313,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--case", nargs="*", help="only cases whose label contains one of these")
     parser.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"], choices=sorted(DTYPES))
     parser.add_argument("--access", action="store_true",
-                        help="compile the ResNet-50 b32 cases for sm_90 and add access widths")
+                        help="compile some cases for sm_90 and add their access widths")
+    parser.add_argument("--access-case", nargs="*", default=list(ACCESS_CASES),
+                        help="the cases --access compiles (label substrings)")
     args = parser.parse_args(argv)
     table_rows = rows(args.case, args.dtypes)
     if args.access:
-        widths = access_widths(dtypes=args.dtypes)
+        widths = access_widths(args.access_case, args.dtypes)
         for case_dtype, launches in widths.items():
             label, dtype = case_dtype.rsplit("/", 1)
             mine = [row for row in table_rows if row["case"] == label and row["dtype"] == dtype]

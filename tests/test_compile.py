@@ -9,7 +9,9 @@ the PTX. Asserted:
   - ptxas reports no spill stores or loads;
   - on sm_90, for aligned contiguous NCHW-like input (S a multiple of 16, so every stride is; no
     storage offset) in float32, float16 or bfloat16, the tile loop of every streaming kernel
-    moves x/dy with 128-bit global loads only, and writes y/dx with 128-bit stores only.
+    moves x/dy with 128-bit global loads only, and writes y/dx with 128-bit stores only;
+  - rows of S = 196 values (14x14 maps) load and store 4 values an access (the plan's VECTOR);
+  - the plain split launches take no more registers than benchmarks/waves.py assumes.
 Run with -s to see the registers / spills / access widths table.
 """
 import json
@@ -197,6 +199,12 @@ SCENARIOS += FUSED
 # N·S padded = 256·64 = 16384). They spilled 4 to 32 bytes before x and dy shared offsets.
 SCENARIOS += [scenario("resnet50-b256-2048x7x7-float32", (256, 2048, 7, 7), "float32", BOTH),
               scenario("resnet50-b256-512x7x7-bfloat16", (256, 512, 7, 7), "bfloat16", BOTH)]
+# ResNet-50 at batch 256, 14x14 maps: split tiles whose rows (S = 196) start at multiples of 4
+# values but not of 16, which only the plan's VECTOR hint tells the compiler.
+ROWS_OF_196 = {"resnet50-b256-256x14x14-float32": 128, "resnet50-b256-256x14x14-bfloat16": 64}
+SCENARIOS += [scenario("resnet50-b256-256x14x14-float32", (256, 256, 14, 14), "float32", BOTH),
+              scenario("resnet50-b256-256x14x14-bfloat16", (256, 256, 14, 14), "bfloat16",
+                       BOTH)]
 
 
 def gpu_check_scenarios():
@@ -457,3 +465,48 @@ def test_no_approximate_division(compiled):
             assert not approximate, f"{key} sm_{cc}: {approximate}"
             checked += 1
     assert checked
+
+
+@pytest.mark.parametrize("name", sorted(ROWS_OF_196))
+def test_rows_of_196_values_load_as_vectors(compiled, name):
+    """S = 196 (14x14 maps): stride_c = 196 is no multiple of 16, so without the plan's VECTOR
+    hint (kernels/stats.tile_offsets) every tile-loop access was scalar (32 bits float32, 16
+    bfloat16). With it: 4 values an access, 128 bits float32 and 64 bfloat16, on both
+    targets, in every split kernel's tile loop."""
+    s = next(s for s in SCENARIOS if s["name"] == name)
+    checked = 0
+    for cc in s["targets"]:
+        for key, spec, r in launches(compiled, s, cc):
+            if spec["kernel"] not in STREAMING:
+                continue
+            assert spec["constexprs"].get("VECTOR") == 4, (key, spec["constexprs"])
+            for kind in ("loop_ld", "loop_st"):
+                if r[kind]:
+                    assert set(r[kind]) == {str(ROWS_OF_196[name])}, (
+                        f"{key} sm_{cc}: {kind} {r[kind]} (bits: count)\n"
+                        + "\n".join(r["loop_lines"]))
+            checked += 1
+    assert checked
+
+
+def plain(s) -> bool:
+    """A training or eval call without epilogue (no activation, residual or memory saving) in
+    a 16- or 32-bit type: the launches benchmarks/waves.py models."""
+    return (s.get("activation", "identity") == "identity" and not s.get("residual")
+            and not s.get("memory_efficient") and s["dtype"] != "float64")
+
+
+PLAIN = [(s, cc) for s, cc in CASES if plain(s)]
+
+
+@pytest.mark.parametrize("s, cc", PLAIN, ids=[f"{s['name']}-sm{cc}" for s, cc in PLAIN])
+def test_split_kernels_fit_the_registers_the_waves_assume(compiled, s, cc):
+    """benchmarks/waves.py counts the programs an SM holds at once from SPLIT_REGISTERS: each
+    plain split launch takes no more (the fused epilogues may, and are not modelled)."""
+    from benchmarks import waves
+
+    for key, spec, r in launches(compiled, s, cc):
+        bound = waves.SPLIT_REGISTERS.get(spec["kernel"])
+        if bound is not None and spec["options"].get("num_warps", 4) == 4:
+            assert r["registers"] <= bound, (
+                f"{key} sm_{cc}: {r['registers']} registers, waves.py assumes {bound}")
