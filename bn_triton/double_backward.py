@@ -99,6 +99,9 @@ def backward_of_backward(tensors: Sequence[Optional[torch.Tensor]],
     bias, mean, invstd) of Σ grads_of_grads·(dx, dγ, dβ, d(residual)), over the outputs with an
     incoming gradient (one the op did not compute came back empty, and so does its gradient).
     None where a tensor takes none."""
+    if torch._C._are_functorch_transforms_active():
+        return _functorch_backward_of_backward(tensors, grads_of_grads, training, eps,
+                                               has_residual, activation)
     if torch.is_grad_enabled():
         raise RuntimeError(THIRD_DERIVATIVE)
     differentiable = [i for i, tensor in enumerate(tensors[:6])
@@ -120,4 +123,31 @@ def backward_of_backward(tensors: Sequence[Optional[torch.Tensor]],
                                     allow_unused=True)
         for i, grad in zip(differentiable, found):
             result[i] = grad
+    return tuple(result)
+
+
+def _functorch_backward_of_backward(tensors, grads_of_grads, training, eps, has_residual,
+                                    activation) -> Tuple[Optional[torch.Tensor], ...]:
+    """backward_of_backward under torch.func's transforms (grad of grad, MAML's outer step,
+    hessian): torch.func.vjp of grads_in_torch, itself differentiable by the transforms
+    above it, so that no order is refused. Every tensor argument of the first six is
+    differentiated (the transforms tell which results they use)."""
+    varying = [i for i, tensor in enumerate(tensors[:6]) if tensor is not None]
+    pairs = [i for i, incoming in enumerate(grads_of_grads)
+             if incoming is not None and incoming.numel() > 0]
+    result: list = [None] * len(tensors)
+    if not pairs:
+        return tuple(result)
+
+    def grads_of(*values):
+        leaves = list(tensors)
+        for i, value in zip(varying, values):
+            leaves[i] = value
+        grads = grads_in_torch(*leaves, training, eps, has_residual, activation)
+        return tuple(grads[i] for i in pairs)
+
+    outputs, vjp_fn = torch.func.vjp(grads_of, *(tensors[i] for i in varying))
+    found = vjp_fn(tuple(grads_of_grads[i].to(out.dtype) for i, out in zip(pairs, outputs)))
+    for i, grad in zip(varying, found):
+        result[i] = grad.to(tensors[i].dtype)
     return tuple(result)

@@ -35,7 +35,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import collectives, double_backward, launch
+from . import collectives, double_backward, forward_ad, launch
 from .dispatch import TORCH, backend
 from .epilogue import IDENTITY, Activation, dz_source
 from .plan import accumulation_dtype, empty_output
@@ -213,6 +213,64 @@ torch.library.register_autograd("bn_triton::batch_norm_backward", _backward_of_b
                                 setup_context=_setup_backward_of_backward)
 
 
+class BatchNormBackwardFunction(torch.autograd.Function):
+    """batch_norm_backward under torch.func's transforms: the op's autograd from
+    register_autograd is an autograd.Function without setup_context, which the transforms
+    refuse, so inside them the op runs below autograd through this one, whose backward is
+    the same double backward, whose vmap is the op's batching rule and whose jvp is forward
+    mode through double_backward.grads_in_torch (jacfwd of jacrev: hessian)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_output, input, output, residual, weight, bias, mean, invstd, training,
+                output_mask, bias_dtype, has_residual, activation, activation_param,
+                memory_efficient, eps):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.bn_triton.batch_norm_backward(
+                grad_output, input, output, residual, weight, bias, mean, invstd, training,
+                output_mask, bias_dtype, has_residual, activation, activation_param,
+                memory_efficient, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_backward_of_backward(ctx, inputs, output)
+        ctx.output_mask = inputs[9]
+        ctx.save_for_forward(*inputs[:8])
+
+    @staticmethod
+    def backward(ctx, *grads_of_grads):
+        return _backward_of_backward(ctx, *grads_of_grads)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        if ctx.memory_efficient:
+            raise RuntimeError(DOUBLE_BACKWARD_MEMORY_EFFICIENT)
+        primals = ctx.saved_tensors
+        tangents = tangents[:8]
+
+        def grads(*tensors):
+            return double_backward.grads_in_torch(*tensors, ctx.training, ctx.eps,
+                                                  ctx.has_residual, ctx.activation)
+
+        # Only tensors with a tangent vary; the others enter as constants.
+        varying = [i for i, t in enumerate(tangents) if t is not None and primals[i] is not None]
+
+        def of_varying(*values):
+            tensors = list(primals)
+            for i, value in zip(varying, values):
+                tensors[i] = value
+            return grads(*tensors)
+
+        _, t_grads = torch.func.jvp(of_varying, tuple(primals[i] for i in varying),
+                                    tuple(tangents[i] for i in varying))
+        reference = primals[1]
+        return tuple(t.to(like.dtype) if wanted else reference.new_empty((0,))
+                     for t, wanted, like in zip(t_grads, ctx.output_mask,
+                                                (reference, primals[4] if primals[4] is not None
+                                                 else reference, reference, reference)))
+
+
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(DOUBLE_BACKWARD_SYNC)
 
@@ -260,6 +318,10 @@ def _input_grads(ctx, grad_output: torch.Tensor, through_ops: bool):
         grads = torch.ops.bn_triton.sync_batch_norm_backward(
             grad_output, input, output, residual, weight, bias, mean, invstd, count,
             output_mask, ctx.bias_dtype, ctx.group_name, *epilogue)
+    elif through_ops and torch._C._are_functorch_transforms_active():
+        grads = BatchNormBackwardFunction.apply(
+            grad_output, input, output, residual, weight, bias, mean, invstd, ctx.training,
+            output_mask, ctx.bias_dtype, *epilogue)
     elif through_ops:
         grads = torch.ops.bn_triton.batch_norm_backward(
             grad_output, input, output, residual, weight, bias, mean, invstd, ctx.training,
@@ -279,7 +341,7 @@ def _input_grads(ctx, grad_output: torch.Tensor, through_ops: bool):
 class BatchNormFunction(torch.autograd.Function):
     """y = act(batch_norm(x) + residual) through the two ops: what every tracer, mode and
     transform sees (see batch_norm). Backward computes only the gradients autograd asks
-    for."""
+    for. Under torch.func's transforms and forward-mode AD, TransformedBatchNormFunction."""
 
     @staticmethod
     def forward(input: torch.Tensor, weight: Optional[torch.Tensor],
@@ -309,9 +371,46 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *_grad_statistics):
+        if grad_output is None:  # only the (non-differentiable) statistics reached the loss
+            return (None,) * 14
         grad_input, grad_weight, grad_bias, grad_residual = _input_grads(ctx, grad_output, True)
         return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None,
                 grad_residual, None, None, None, None)
+
+class TransformedBatchNormFunction(BatchNormFunction):
+    """BatchNormFunction with forward mode (jvp: forward_ad.py) and vmap (the ops' batching
+    rules, batching.py), for calls under torch.func's transforms or forward-mode AD. A class
+    of its own because Dynamo refuses to trace an autograd.Function that defines jvp: compiled
+    graphs keep BatchNormFunction."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        BatchNormFunction.setup_context(ctx, inputs, output)
+        input, weight, bias, residual = inputs[0], inputs[1], inputs[2], inputs[9]
+        _, mean, invstd, *count = output
+        ctx.save_for_forward(input, weight, bias, residual, mean, invstd, *count)
+        # Tangents (and gradients) of what has none stay None, not zeros: jvp tells the
+        # tangent of a running statistic from its absence.
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def jvp(ctx, t_input, t_weight, t_bias, t_running_mean, t_running_var, _t_count,
+            _training, _momentum, _eps, t_residual, *_flags):
+        """Forward mode: the output's tangent (forward_ad.output_tangent); the statistics
+        are not differentiable."""
+        input, weight, bias, residual, mean, invstd, *count = ctx.saved_tensors
+        if (not ctx.training and (t_running_mean is not None or t_running_var is not None)
+                and not torch._C._are_functorch_transforms_active()):
+            raise RuntimeError(forward_ad.NOT_DIFFERENTIABLE_RUNNING)
+        t_output = forward_ad.output_tangent(
+            t_input, t_weight, t_bias, t_residual, input, weight, bias, residual, mean, invstd,
+            ctx.training, ctx.eps, Activation(ctx.activation, ctx.activation_param),
+            ctx.memory_efficient, ctx.group_name, count[0] if count else None)
+        if t_output is None:  # tangents on the running statistics alone: no effect
+            t_output = torch.zeros_like(input)
+        return (t_output, None, None, *([None] if ctx.group_name is not None else []))
 
 
 class EagerBatchNormFunction(torch.autograd.Function):
@@ -405,6 +504,10 @@ def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
                                  num_batches_tracked, training, momentum, eps, residual,
                                  activation, memory_efficient)[0]
     name, param = (activation.name, activation.param) if activation else ("identity", 0.0)
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
+    transformed = not torch.compiler.is_compiling() and (
+        torch._C._are_functorch_transforms_active()
+        or torch.autograd.forward_ad._current_level >= 0)
+    function = TransformedBatchNormFunction if transformed else BatchNormFunction
+    return function.apply(input, weight, bias, running_mean, running_var,
                                    num_batches_tracked, training, momentum, eps, residual,
                                    name, param, memory_efficient, group_name)[0]
