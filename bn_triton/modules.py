@@ -30,6 +30,15 @@ def traced_as_leaf(forward: Callable) -> Callable:
     return forward_or_record
 
 
+def recomputing() -> bool:
+    """Whether this forward runs inside autograd's backward pass: the recomputation of a
+    checkpointed forward (torch.utils.checkpoint, reentrant or not, checkpoint_sequential),
+    which must not count the batch a second time (pytorch issue 96136; fairscale's
+    patch_batchnorm works around the same). Under torch.compile the compiled graphs do not
+    replay the running-statistic updates when they recompute, and this is not asked."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 class _TritonBatchNorm:
     """forward() of torch's _BatchNorm, line for line, on bn_triton's kernels. Everything else
     (constructor, buffers, _check_input_dim, state_dict, extra_repr) is torch's own class."""
@@ -50,7 +59,11 @@ class _TritonBatchNorm:
         running_mean, running_var = self.running_mean, self.running_var
         weight, bias, training = self.weight, self.bias, self.training
         bn_training = training or (running_mean is None and running_var is None)
-        if training and not self.track_running_stats:
+        # A forward recomputed by activation checkpointing counts nothing: the batch was
+        # counted by the forward it repeats (see recomputing). Batch statistics normalize it,
+        # as they did the first time.
+        tracking = self.track_running_stats and not (training and recomputing())
+        if training and not tracking:
             running_mean = running_var = None
         # Check before counting the batch: a call that fails leaves every buffer as it was
         # (torch's own module has already incremented num_batches_tracked by then).
@@ -58,7 +71,7 @@ class _TritonBatchNorm:
                               self.eps)
         momentum = 0.0 if self.momentum is None else self.momentum
         num_batches_tracked = None
-        if training and self.track_running_stats:
+        if training and tracking:
             counter = self.num_batches_tracked
             if counter is not None:
                 counter.add_(1)

@@ -25,7 +25,7 @@ from .dispatch import TORCH, backend
 from .epilogue import IDENTITY, Activation, torch_activation
 from .functional import apply_batch_norm, check_batch_norm_args, check_epilogue_args
 from .modules import (_matches, _TritonBatchNorm, _TritonBatchNormAct, check_addable,
-                      traced_as_leaf)
+                      recomputing, traced_as_leaf)
 
 
 def sync_group_name(layer: nn.SyncBatchNorm) -> Optional[str]:
@@ -52,14 +52,15 @@ class _TritonSyncBatchNorm:
         the synced ops. A failing call leaves every buffer as it was."""
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        running_mean = self.running_mean if self.track_running_stats else None
-        running_var = self.running_var if self.track_running_stats else None
+        tracking = self.track_running_stats and not recomputing()  # see modules.recomputing
+        running_mean = self.running_mean if tracking else None
+        running_var = self.running_var if tracking else None
         check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, True,
                               self.eps, synced=True)
         check_epilogue_args(input, residual, activation or IDENTITY, memory_efficient)
         momentum = 0.0 if self.momentum is None else self.momentum
         num_batches_tracked = None
-        if self.track_running_stats:
+        if tracking:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 num_batches_tracked = self.num_batches_tracked  # read on the device
