@@ -24,7 +24,8 @@ num_batches_tracked (an ensemble's stacked buffers), where each sample has its o
 torch's ops (torch's own module cannot: it calls float() on the counter).
 
 The backward op always folds into the channels: grad_weight and grad_bias are per sample.
-The sync ops (SyncBatchNorm across ranks) have no rule: their statistics span ranks.
+The sync ops (SyncBatchNorm across ranks) fold into the channels the same way: each rank
+gathers B·C channels' statistics, so every rank must vmap with the same batch size.
 """
 from __future__ import annotations
 
@@ -111,23 +112,69 @@ def batch_norm_forward_vmap(info, in_dims: Sequence[Optional[int]], input, weigh
                             memory_efficient=False):
     """bn_triton::batch_norm_forward over a vmapped dim (see the module docstring)."""
     B = info.batch_size
-    dims = list(in_dims) + [None] * (13 - len(in_dims))
+    dims = _padded(in_dims, 13)
+    tail = (activation, activation_param, memory_efficient)
+    op = torch.ops.bn_triton.batch_norm_forward
+    if not training and all(d is None for d in dims[1:5]):
+        x, r, order = _fold_into_n(_front(input, dims[0]), _front(residual, dims[9]),
+                                   dims[0] is not None, dims[9] is not None, B)
+        y, mean, invstd = op(x, weight, bias, running_mean, running_var, None, False,
+                             momentum, eps, r, *tail)
+        split = (B, y.shape[0] // B) if order == 0 else (y.shape[0] // B, B)
+        return (y.view(*split, *y.shape[1:]), mean, invstd), (order, None, None)
+
+    def run(x, w, b, rm, rv, nbt, r):
+        outputs = op(x, w, b, rm, rv, nbt, training, momentum, eps, r, *tail)
+        return outputs, x.numel() // x.shape[1]
+
+    outputs, out_dims, _ = _forward_into_channels(
+        run, B, dims, training, eps, input, weight, bias, running_mean, running_var,
+        num_batches_tracked, residual)
+    return outputs, out_dims
+
+
+def sync_batch_norm_forward_vmap(info, in_dims: Sequence[Optional[int]], input, weight, bias,
+                                 running_mean, running_var, num_batches_tracked, momentum, eps,
+                                 group_name, residual=None, activation="identity",
+                                 activation_param=0.0, memory_efficient=False):
+    """bn_triton::sync_batch_norm_forward over a vmapped dim: always training, so folded into
+    the channels, and every rank gathers B·C channels' statistics (every rank must vmap with
+    the same batch size, as every rank must pass the same C). The total count is every
+    sample's: unbatched."""
+    B = info.batch_size
+    dims = _padded(in_dims, 13)
+    dims = dims[:6] + [None] + dims[6:9] + dims[9:12]  # a `training` slot, as batch_norm's
+    tail = (activation, activation_param, memory_efficient)
+    op = torch.ops.bn_triton.sync_batch_norm_forward
+
+    def run(x, w, b, rm, rv, nbt, r):
+        y, mean, invstd, count = op(x, w, b, rm, rv, nbt, momentum, eps, group_name, r, *tail)
+        return (y, mean, invstd), count
+
+    outputs, out_dims, count = _forward_into_channels(
+        run, B, dims, True, eps, input, weight, bias, running_mean, running_var,
+        num_batches_tracked, residual)
+    return (*outputs, count), (*out_dims, None)
+
+
+def _padded(in_dims: Sequence[Optional[int]], length: int) -> List[Optional[int]]:
+    """in_dims with None for the trailing defaulted arguments a call left out."""
+    return list(in_dims) + [None] * (length - len(in_dims))
+
+
+def _forward_into_channels(run, B: int, dims: Sequence[Optional[int]], training: bool,
+                           eps: float, input, weight, bias, running_mean, running_var,
+                           num_batches_tracked, residual):
+    """A forward op over B samples folded into its channels (see the module docstring):
+    run(x, w, b, rm, rv, nbt, r) -> ((y, mean, invstd), count of values per channel) calls
+    the op once. dims: the in_dims of batch_norm_forward's arguments. Returns the outputs,
+    their out_dims and run's count."""
     x_bd, w_bd, b_bd, rm_bd, rv_bd, nbt_bd = dims[:6]
     r_bd = dims[9]
     input, weight, bias = _front(input, x_bd), _front(weight, w_bd), _front(bias, b_bd)
     running_mean, running_var = _front(running_mean, rm_bd), _front(running_var, rv_bd)
     num_batches_tracked = _front(num_batches_tracked, nbt_bd)
     residual = _front(residual, r_bd)
-    tail = (activation, activation_param, memory_efficient)
-    op = torch.ops.bn_triton.batch_norm_forward
-
-    per_channel_batched = any(d is not None for d in (w_bd, b_bd, rm_bd, rv_bd))
-    if not training and not per_channel_batched:
-        x, r, order = _fold_into_n(input, residual, x_bd is not None, r_bd is not None, B)
-        y, mean, invstd = op(x, weight, bias, running_mean, running_var, None, False,
-                             momentum, eps, r, *tail)
-        split = (B, y.shape[0] // B) if order == 0 else (y.shape[0] // B, B)
-        return (y.view(*split, *y.shape[1:]), mean, invstd), (order, None, None)
 
     updates = training and running_mean is not None
     stats_batched = rm_bd is not None and rv_bd is not None
@@ -141,13 +188,13 @@ def batch_norm_forward_vmap(info, in_dims: Sequence[Optional[int]], input, weigh
     if not updates:
         rm = _per_channel(running_mean, rm_bd is not None, B)
         rv = _per_channel(running_var, rv_bd is not None, B)
-        y, mean, invstd = op(x, w, b, rm, rv, None, training, momentum, eps, r, *tail)
+        (y, mean, invstd), count = run(x, w, b, rm, rv, None, r)
     elif num_batches_tracked is not None and nbt_bd is not None:
         # momentum=None with one count per sample: one factor per sample, which the kernels
         # (one factor a launch) do not take; the update runs in torch's ops below.
-        y, mean, invstd = op(x, w, b, None, None, None, True, momentum, eps, r, *tail)
+        (y, mean, invstd), count = run(x, w, b, None, None, None, r)
         _update_per_sample(running_mean, running_var, num_batches_tracked, mean, invstd,
-                           eps, x.numel() // x.shape[1], B)
+                           eps, count, B)
     else:
         # The kernel writes the running statistics: batched ones through their (B·C,) views
         # when (B, C) is one stride, else contiguous copies written back after the launch.
@@ -156,23 +203,26 @@ def batch_norm_forward_vmap(info, in_dims: Sequence[Optional[int]], input, weigh
         # sample's update written back.
         rm, rm_back = _for_update(running_mean, rm_bd is not None, B)
         rv, rv_back = _for_update(running_var, rv_bd is not None, B)
-        y, mean, invstd = op(x, w, b, rm, rv, num_batches_tracked, True, momentum, eps, r,
-                             *tail)
+        (y, mean, invstd), count = run(x, w, b, rm, rv, num_batches_tracked, r)
         for flat, back, buffer in ((rm, rm_back, running_mean), (rv, rv_back, running_var)):
             if back:
                 buffer.copy_(flat.view(B, -1)[0] if buffer.dim() == 1 else
                              flat.view(buffer.shape))
-    return ((_out_of_channels(y, B), mean.view(B, -1), invstd.view(B, -1)), (1, 0, 0))
+    return (_out_of_channels(y, B), mean.view(B, -1), invstd.view(B, -1)), (1, 0, 0), count
 
 
 def _update_per_sample(running_mean: torch.Tensor, running_var: torch.Tensor,
                        num_batches_tracked: torch.Tensor, mean: torch.Tensor,
-                       invstd: torch.Tensor, eps: float, count: int, B: int) -> None:
+                       invstd: torch.Tensor, eps: float, count, B: int) -> None:
     """running = (1 - f)·running + f·batch with f = 1/num_batches_tracked per sample (B,), the
-    variance unbiased over count values, as the kernels update it; in place, on the device."""
+    variance unbiased over count values (an int, or the sync op's 0-d total), as the kernels
+    update it; in place, on the device."""
     factor = num_batches_tracked.reshape(B, 1).to(mean.dtype).reciprocal()
     var = invstd.pow(-2).sub_(eps)  # the biased batch variance, back from invstd
-    unbiased = var.mul_(count / (count - 1) if count > 1 else float("nan"))
+    if isinstance(count, torch.Tensor):
+        unbiased = var.mul_((count / (count - 1)).to(var.dtype))
+    else:
+        unbiased = var.mul_(count / (count - 1) if count > 1 else float("nan"))
     running_mean.copy_(torch.lerp(running_mean.to(mean.dtype), mean.view(B, -1), factor))
     running_var.copy_(torch.lerp(running_var.to(mean.dtype), unbiased.view(B, -1), factor))
 
@@ -185,19 +235,53 @@ def batch_norm_backward_vmap(info, in_dims: Sequence[Optional[int]], grad_output
     """bn_triton::batch_norm_backward over a vmapped dim: always folded into the channels, so
     grad_weight and grad_bias are per sample (B, C) and grad_input (N, B, C, *S), out_dim 1."""
     B = info.batch_size
-    dims = list(in_dims) + [None] * (16 - len(in_dims))
+    images, channels = _backward_into_channels(B, _padded(in_dims, 16), grad_output, input,
+                                               output, residual, weight, bias, mean, invstd)
+    grads = torch.ops.bn_triton.batch_norm_backward(
+        *images, *channels, training, output_mask, bias_dtype, has_residual, activation,
+        activation_param, memory_efficient, eps)
+    return _grads_out_of_channels(grads, B)
+
+
+def sync_batch_norm_backward_vmap(info, in_dims: Sequence[Optional[int]], grad_output, input,
+                                  output, residual, weight, bias, mean, invstd, count,
+                                  output_mask, bias_dtype, group_name, has_residual=False,
+                                  activation="identity", activation_param=0.0,
+                                  memory_efficient=False, eps=0.0):
+    """bn_triton::sync_batch_norm_backward over a vmapped dim: folded into the channels (one
+    all_reduce of B·C channels' sums); the total count is every sample's."""
+    B = info.batch_size
+    dims = _padded(in_dims, 17)
+    if dims[8] is not None:
+        raise RuntimeError("bn_triton::sync_batch_norm_backward under vmap: the total count "
+                           "is the forward's, one for every sample; got a batched count")
+    images, channels = _backward_into_channels(B, dims, grad_output, input, output, residual,
+                                               weight, bias, mean, invstd)
+    grads = torch.ops.bn_triton.sync_batch_norm_backward(
+        *images, *channels, count, output_mask, bias_dtype, group_name, has_residual,
+        activation, activation_param, memory_efficient, eps)
+    return _grads_out_of_channels(grads, B)
+
+
+def _backward_into_channels(B: int, dims: Sequence[Optional[int]], grad_output, input, output,
+                            residual, weight, bias, mean, invstd):
+    """The backward ops' (N, C, *S) tensors folded to (N, B·C, *S), their (C,) ones to (B·C,)."""
     images = [_into_channels(_front(t, d), d is not None, B)
               for t, d in zip((grad_output, input, output, residual), dims[:4])]
     channels = [_per_channel(_front(t, d), d is not None, B)
                 for t, d in zip((weight, bias, mean, invstd), dims[4:8])]
-    grads = torch.ops.bn_triton.batch_norm_backward(
-        *images, *channels, training, output_mask, bias_dtype, has_residual, activation,
-        activation_param, memory_efficient, eps)
+    return images, channels
+
+
+def _grads_out_of_channels(grads: Sequence[torch.Tensor], B: int):
+    """(grad_input, grad_weight, grad_bias, grad_residual) of B·C channels as the vmapped
+    outputs: views (N, B, C, *S) with out_dim 1 and (B, C) with out_dim 0; the empty (0,) of
+    a gradient not asked for stays unbatched."""
     outputs: List[torch.Tensor] = []
     out_dims: List[Optional[int]] = []
     for i, grad in enumerate(grads):
-        if grad.numel() == 0 and grad.dim() == 1 and grad.shape[0] == 0:
-            outputs.append(grad)  # not asked for (or grad_output itself): no vmapped dim
+        if grad.shape == (0,):
+            outputs.append(grad)
             out_dims.append(None)
         elif i in (0, 3):
             outputs.append(_out_of_channels(grad, B))
@@ -208,11 +292,8 @@ def batch_norm_backward_vmap(info, in_dims: Sequence[Optional[int]], grad_output
     return tuple(outputs), tuple(out_dims)
 
 
-def _register() -> Tuple[None, None]:
-    return (torch.library.register_vmap("bn_triton::batch_norm_forward",
-                                        batch_norm_forward_vmap),
-            torch.library.register_vmap("bn_triton::batch_norm_backward",
-                                        batch_norm_backward_vmap))
-
-
-_register()
+torch.library.register_vmap("bn_triton::batch_norm_forward", batch_norm_forward_vmap)
+torch.library.register_vmap("bn_triton::batch_norm_backward", batch_norm_backward_vmap)
+torch.library.register_vmap("bn_triton::sync_batch_norm_forward", sync_batch_norm_forward_vmap)
+torch.library.register_vmap("bn_triton::sync_batch_norm_backward",
+                            sync_batch_norm_backward_vmap)

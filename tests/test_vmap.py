@@ -350,3 +350,62 @@ def test_ensemble_gradients_equal_loop(launches):
     for name, stacked in grads.items():
         looped = torch.stack([model.get_parameter(name).grad for model in theirs])
         torch.testing.assert_close(stacked, looped, **TOL, msg=f"ensemble grad of {name}")
+
+
+@pytest.fixture
+def one_rank_group(tmp_path, monkeypatch):
+    """A one-process gloo group, with BN_TRITON_SYNC_ALWAYS=1: SyncBatchNorm takes the sync
+    ops (their collectives over one rank) instead of the local BatchNorm."""
+    import torch.distributed as dist
+    monkeypatch.setenv("BN_TRITON_SYNC_ALWAYS", "1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}",
+                            rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "momentum-None"])
+def test_sync_ops_ensemble_with_one_rank(momentum, one_rank_group, launches):
+    """The sync forward op's rule: three SyncBatchNorms stacked, in training, equal to the
+    loop over torch's BatchNorm2d (one rank's statistics are the local ones), running
+    statistics included; each model its own factor where momentum=None."""
+    theirs = [nn.BatchNorm2d(C, momentum=momentum) for _ in range(3)]
+    for i, bn in enumerate(theirs):
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(), bn.num_batches_tracked.fill_(i)
+    ours = [bn_triton.convert_batchnorm(copy.deepcopy(bn), sync=True) for bn in theirs]
+    assert all(isinstance(bn, bn_triton.SyncBatchNorm) for bn in ours)
+    params, buffers = stack_module_state(ours)
+    base = copy.deepcopy(ours[0]).to("meta")
+    x = torch.randn(B, N, C, H, H)
+    out = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)))(params, buffers, x)
+    assert "merge_statistics_kernel" in launches and launches.forward_calls() == 1
+    expected = torch.stack([bn(xi) for bn, xi in zip(theirs, x)])
+    torch.testing.assert_close(out, expected, **TOL, msg="sync ensemble output")
+    for name, stacked in buffers.items():
+        looped = torch.stack([bn.get_buffer(name) for bn in theirs])
+        torch.testing.assert_close(stacked, looped, **STAT_TOL, msg=f"sync buffer {name}")
+
+
+def test_sync_backward_op_rule_with_one_rank(one_rank_group, launches):
+    """The sync backward op's rule, the op vmapped directly over a batch of grad_outputs
+    (one all_reduce of B·C channels' sums), equal to torch's gradients one by one. (Through
+    grad transforms it needs library.py to run the sync backward op under torch.func as it
+    runs batch_norm_backward.)"""
+    from bn_triton.sync import sync_group_name
+    x, w = torch.randn(N, C, H), torch.randn(C)
+    group_name = sync_group_name(bn_triton.SyncBatchNorm(C))
+    _, mean, invstd, count = torch.ops.bn_triton.sync_batch_norm_forward(
+        x, w, None, None, None, None, 0.1, 1e-5, group_name)
+    grad_outputs = torch.randn(B, N, C, H)
+    launches.clear()
+    dx, dw, db, _ = vmap(lambda dy: torch.ops.bn_triton.sync_batch_norm_backward(
+        dy, x, None, None, w, None, mean, invstd, count, [True, True, False, False], None,
+        group_name))(grad_outputs)
+    assert launches.backward_calls() == 1 and db.numel() == 0  # not asked for
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = F.batch_norm(xr, None, None, wr, training=True)
+    for i, dy in enumerate(grad_outputs):
+        theirs_dx, theirs_dw = torch.autograd.grad(y, (xr, wr), dy, retain_graph=True)
+        torch.testing.assert_close(dx[i], theirs_dx, **TOL, msg=f"sample {i}: grad_input")
+        torch.testing.assert_close(dw[i], theirs_dw, **TOL, msg=f"sample {i}: grad_weight")
