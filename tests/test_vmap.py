@@ -176,6 +176,34 @@ def test_training_unbatched_input_and_running_stats_with_batched_weight(launches
     assert launches.batch_stat_calls() == 1
 
 
+def test_nested_vmap_updates_doubly_stacked_running_stats(launches):
+    x = torch.randn(2, B, N, C, H, H)
+    rm, rv = stats(batch=B)
+    rm, rv = rm.expand(2, B, C).clone(), rv.expand(2, B, C).clone()
+    theirs_rm, theirs_rv = rm.clone(), rv.clone()
+
+    def fn(module):
+        return vmap(vmap(lambda x, m, v: module.batch_norm(x, m, v, training=True)))
+
+    torch.testing.assert_close(fn(bn_triton)(x, rm, rv), fn(F)(x, theirs_rm, theirs_rv),
+                               **TOL, msg="nested vmap, running stats batched twice: output")
+    torch.testing.assert_close(rm, theirs_rm, **STAT_TOL, msg="running_mean")
+    torch.testing.assert_close(rv, theirs_rv, **STAT_TOL, msg="running_var")
+    assert launches.batch_stat_calls() == 1
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "training"])
+def test_channels_last_samples(training, launches):
+    x = torch.randn(B, N, C, H, H).permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    assert x[0].is_contiguous(memory_format=torch.channels_last)
+    rm, rv = stats()
+    args = (None, None) if training else (rm, rv)
+    ours = vmap(lambda x: bn_triton.batch_norm(x, *args, training=training))(x)
+    theirs = vmap(lambda x: F.batch_norm(x, *args, training=training))(x)
+    torch.testing.assert_close(ours, theirs, **TOL, msg="channels_last samples")
+    assert launches.forward_calls() == 1
+
+
 def test_replace_all_batch_norm_modules(launches):
     theirs = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                            nn.Conv2d(4, C, 1), nn.BatchNorm2d(C))
@@ -409,3 +437,34 @@ def test_sync_backward_op_rule_with_one_rank(one_rank_group, launches):
         theirs_dx, theirs_dw = torch.autograd.grad(y, (xr, wr), dy, retain_graph=True)
         torch.testing.assert_close(dx[i], theirs_dx, **TOL, msg=f"sample {i}: grad_input")
         torch.testing.assert_close(dw[i], theirs_dw, **TOL, msg=f"sample {i}: grad_weight")
+
+
+@pytest.mark.parametrize("mode", ["silu+residual", "memory_efficient"])
+def test_fused_epilogue_per_sample_gradients(mode, launches):
+    """vmap(grad) through the fused epilogue: act(BN(x) + residual), and the memory-saving
+    mode (backward from the output alone), against the same composition of torch's ops."""
+    x, r = torch.randn(B, N, C, H), torch.randn(B, N, C, H)
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    eps = 1e-5
+
+    def ours(w, b, x, r):
+        if mode == "memory_efficient":
+            y = bn_triton.batch_norm(x, None, None, w, b, True, activation="leaky_relu",
+                                     memory_efficient=True)
+        else:
+            y = bn_triton.batch_norm(x, None, None, w, b, True, activation="silu", residual=r)
+        return y.pow(2).sum()
+
+    def theirs(w, b, x, r):
+        if mode == "memory_efficient":
+            y = F.leaky_relu(F.batch_norm(x, None, None, w.abs() + eps, b, True))
+        else:
+            y = F.silu(F.batch_norm(x, None, None, w, b, True) + r)
+        return y.pow(2).sum()
+
+    argnums = (0, 1, 2, 3)
+    mine = vmap(grad(ours, argnums), in_dims=(None, None, 0, 0))(w, b, x, r)
+    torchs = vmap(grad(theirs, argnums), in_dims=(None, None, 0, 0))(w, b, x, r)
+    for name, m, t in zip(("weight", "bias", "input", "residual"), mine, torchs):
+        torch.testing.assert_close(m, t, **TOL, msg=f"{mode}: per-sample grad of {name}")
+    assert launches.forward_calls() == 1 and launches.backward_calls() == 1
