@@ -331,9 +331,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(json.dumps(totals))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rounded = [{key: round(value, 2) if isinstance(value, float) else value
+                for key, value in row.items()} for row in table_rows]
     with open(out / "waves.json", "w") as f:
         json.dump({"summary": totals, "in_flight_target": IN_FLIGHT_TARGET,
-                   "sm_counts": SM_COUNTS, "rows": table_rows}, f, indent=1)
+                   "sm_counts": SM_COUNTS, "rows": rounded}, f, separators=(",", ":"))
+        f.write("\n")
 
 
 if __name__ == "__main__":
