@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
 
 import bn_triton
-from bn_triton import batching, functional, library, plan  # noqa: F401  (batching: vmap rules)
+from bn_triton import batching, functional, plan  # noqa: F401  (batching: the vmap rules)
 from conftest import stat_tolerance, tolerance
 
 TOL = tolerance(torch.float32)
@@ -20,10 +20,7 @@ B, N, C, H = 3, 4, 2, 5  # B: the vmapped dim; each sample (N, C, H, H)
 
 
 @pytest.fixture(autouse=True)
-def _until_library_and_functional_have_it(monkeypatch):
-    # The Function's own vmap rule (generate_vmap_rule), until library.py sets it.
-    monkeypatch.setattr(library.BatchNormFunction, "generate_vmap_rule", True, raising=False)
-
+def _until_functional_has_it(monkeypatch):
     # vmap's BatchedTensor cannot be asked is_contiguous(channels_last) ("NYI"): under a
     # transform functional.apply_batch_norm must leave kernel_ready to the launches.
     def kernel_ready(t):
