@@ -88,22 +88,27 @@ def _raise_unbatched_stats() -> None:
     raise RuntimeError(UNBATCHED_RUNNING_STATS)
 
 
-def _fold_into_n(x: torch.Tensor, residual: Optional[torch.Tensor], x_batched: bool,
-                 r_batched: bool, B: int):
-    """(B, N, C, *S) -> (B·N, C, *S) for x and residual, in the order (B outer or N outer) in
-    which x's strides make it a view; the out_dim of the result's (B, N) or (N, B) split."""
-    if not x_batched:  # only the residual is batched: x is broadcast (a copy)
-        x = x.unsqueeze(0).expand(B, *x.shape)
-    if residual is not None and not r_batched:
-        residual = residual.unsqueeze(0).expand(B, *residual.shape)
-    # N outer where x is laid out (N, B, ...) (in_dims=1, or a folded output): then (N, B)
-    # merges into a view; B outer otherwise (a view for contiguous x, else a copy).
-    order = 1 if x.shape[0] > 1 and x.shape[1] > 1 and x.stride(1) == x.stride(0) * B else 0
+def _fold_into_n(tensors: Sequence[Optional[torch.Tensor]], batched: Sequence[bool], B: int):
+    """(B, N, C, *S) -> (B·N, C, *S) for each tensor (None stays None), in the order (B outer
+    or N outer) in which the first batched one's strides make it a view; and the out_dim of
+    the result's (B, N) or (N, B) split. Unbatched ones are broadcast first (then copied)."""
+    tensors = [t if t is None or is_batched else t.unsqueeze(0).expand(B, *t.shape)
+               for t, is_batched in zip(tensors, batched)]
+    lead = next(t for t, is_batched in zip(tensors, batched) if is_batched)
+    # N outer where the memory is (N, B, ...) (in_dims=1, or a folded output): then (N, B)
+    # merges into a view; B outer otherwise (a view for contiguous memory, else a copy).
+    order = int(lead.shape[0] > 1 and lead.shape[1] > 1
+                and lead.stride(1) == lead.stride(0) * B)
     if order == 1:
-        x, residual = x.movedim(0, 1), None if residual is None else residual.movedim(0, 1)
-    folded = [t if t is None else t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
-              for t in (x, residual)]
-    return folded[0], folded[1], order
+        tensors = [t if t is None else t.movedim(0, 1) for t in tensors]
+    return [t if t is None else t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+            for t in tensors], order
+
+
+def _split_n(t: torch.Tensor, B: int, order: int) -> torch.Tensor:
+    """(B·N, C, *S) -> (B, N, C, *S) (order 0) or (N, B, C, *S) (order 1): a view."""
+    split = (B, t.shape[0] // B) if order == 0 else (t.shape[0] // B, B)
+    return t.view(*split, *t.shape[1:])
 
 
 def batch_norm_forward_vmap(info, in_dims: Sequence[Optional[int]], input, weight, bias,
@@ -116,12 +121,11 @@ def batch_norm_forward_vmap(info, in_dims: Sequence[Optional[int]], input, weigh
     tail = (activation, activation_param, memory_efficient)
     op = torch.ops.bn_triton.batch_norm_forward
     if not training and all(d is None for d in dims[1:5]):
-        x, r, order = _fold_into_n(_front(input, dims[0]), _front(residual, dims[9]),
-                                   dims[0] is not None, dims[9] is not None, B)
+        (x, r), order = _fold_into_n([_front(input, dims[0]), _front(residual, dims[9])],
+                                     [dims[0] is not None, dims[9] is not None], B)
         y, mean, invstd = op(x, weight, bias, running_mean, running_var, None, False,
                              momentum, eps, r, *tail)
-        split = (B, y.shape[0] // B) if order == 0 else (y.shape[0] // B, B)
-        return (y.view(*split, *y.shape[1:]), mean, invstd), (order, None, None)
+        return (_split_n(y, B, order), mean, invstd), (order, None, None)
 
     def run(x, w, b, rm, rv, nbt, r):
         outputs = op(x, w, b, rm, rv, nbt, training, momentum, eps, r, *tail)
@@ -235,11 +239,22 @@ def batch_norm_backward_vmap(info, in_dims: Sequence[Optional[int]], grad_output
     """bn_triton::batch_norm_backward over a vmapped dim: always folded into the channels, so
     grad_weight and grad_bias are per sample (B, C) and grad_input (N, B, C, *S), out_dim 1."""
     B = info.batch_size
-    images, channels = _backward_into_channels(B, _padded(in_dims, 16), grad_output, input,
-                                               output, residual, weight, bias, mean, invstd)
-    grads = torch.ops.bn_triton.batch_norm_backward(
-        *images, *channels, training, output_mask, bias_dtype, has_residual, activation,
-        activation_param, memory_efficient, eps)
+    dims = _padded(in_dims, 16)
+    op = torch.ops.bn_triton.batch_norm_backward
+    tail = (has_residual, activation, activation_param, memory_efficient, eps)
+    if not training and not any(output_mask[1:3]) and all(d is None for d in dims[4:8]):
+        # Constant statistics shared by every sample and no per-channel gradient asked for
+        # (jacrev of an eval layer by its input): every sample is a batch of the same layer,
+        # so fold into N, views where the memory allows.
+        images, order = _fold_into_n(
+            [_front(t, d) for t, d in zip((grad_output, input, output, residual), dims[:4])],
+            [d is not None for d in dims[:4]], B)
+        grads = op(*images, weight, bias, mean, invstd, False, output_mask, bias_dtype, *tail)
+        return (tuple(g if g.shape == (0,) else _split_n(g, B, order) for g in grads),
+                tuple(None if g.shape == (0,) else order for g in grads))
+    images, channels = _backward_into_channels(B, dims, grad_output, input, output, residual,
+                                               weight, bias, mean, invstd)
+    grads = op(*images, *channels, training, output_mask, bias_dtype, *tail)
     return _grads_out_of_channels(grads, B)
 
 

@@ -465,3 +465,27 @@ def test_fused_epilogue_per_sample_gradients(mode, launches):
     for name, m, t in zip(("weight", "bias", "input", "residual"), mine, torchs):
         torch.testing.assert_close(m, t, **TOL, msg=f"{mode}: per-sample grad of {name}")
     assert launches.forward_calls() == 1 and launches.backward_calls() == 1
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_jacrev_over_eval_batch_norm_folds_into_n(activation, monkeypatch, launches):
+    """jacrev of an eval layer by its input asks for grad_input alone: the backward rule folds
+    the rows of the Jacobian into N (a view), one launch."""
+    from bn_triton import launch
+    seen = []
+    original = launch.batch_norm_backward
+
+    def spy(grad_output, input, *args, **kwargs):
+        seen.append((grad_output.shape, input.shape))
+        return original(grad_output, input, *args, **kwargs)
+
+    monkeypatch.setattr(launch, "batch_norm_backward", spy)
+    x, w = torch.randn(3, C, 2), torch.randn(C)
+    rm, rv = stats()
+    ours = jacrev(lambda x: bn_triton.batch_norm(x, rm, rv, w, activation=activation))(x)
+    act = F.silu if activation else (lambda t: t)
+    theirs = jacrev(lambda x: act(F.batch_norm(x, rm, rv, w)))(x)
+    torch.testing.assert_close(ours, theirs, **TOL, msg="jacrev, eval")
+    assert launches.backward_calls() == 1
+    (dy_shape, x_shape), = seen
+    assert dy_shape == x_shape == (x.numel() * 3, C, 2)  # the Jacobian's 12 rows times N
