@@ -76,6 +76,42 @@ def tickets(device: torch.device, count: int) -> Tuple[torch.Tensor, int]:
     return entry.buffer, entry.take()
 
 
+# Split partials kept per (device, stream) on a GPU, per thread on the CPU: see split_partials.
+_PARTIALS: Dict[tuple, Dict[tuple, Tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def split_partials(device: torch.device, channels: int, num_splits: int,
+                   dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Two (channels, num_splits) buffers for one split launch's partials. Only that launch
+    writes and reads them (its last program of each channel block combines them), so a
+    buffer is free again when the launch ends: the next launch on the same stream runs after
+    it on a GPU, and the interpreter runs launches to the end on the calling thread. So they
+    are allocated once per stream (per thread on the CPU) and shape, not per call; inside
+    CUDA-graph capture each launch gets its own, as the tickets do."""
+    def fresh():
+        return tuple(torch.empty(channels, num_splits, dtype=dtype, device=device)
+                     for _ in range(2))
+
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return fresh()
+        key = (device, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device, threading.get_ident())
+    buffers = _PARTIALS.get(key)
+    if buffers is None:
+        buffers = _PARTIALS.setdefault(key, {})
+    pair = buffers.get((channels, num_splits, dtype))
+    if pair is None:
+        pair = fresh()
+        if type(pair[0]) is not torch.Tensor:  # a fake or traced tensor: never kept
+            return pair
+        if len(buffers) >= 256:  # a model's split shapes are a few dozen: start again
+            buffers.clear()
+        buffers[(channels, num_splits, dtype)] = pair
+    return pair
+
+
 def _float64_pair(name: str, value: float) -> dict:
     """value as float32 + float32 remainder (Triton passes Python floats as float32): the
     float64 kernels add both back and see the float64 value to 2⁻⁴⁸ relative."""
@@ -134,8 +170,7 @@ def batch_statistics(x: torch.Tensor, plan: Plan, strides: Dict[str, Strides],
                      eps: float, var: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Launch batch_stats_kernel: writes mean, invstd (the biased var too, if given, and the
     running statistics, if given); returns centre = mean - x[0, c, 0] for normalize_kernel."""
-    part_mean = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=x.device)
-    part_m2 = torch.empty_like(part_mean)
+    part_mean, part_m2 = split_partials(x.device, plan.C, plan.num_splits, mean.dtype)
     centre = torch.empty_like(mean)
     ticket_words, epoch = tickets(x.device, _grid(plan)[0])
     constants = _batch_stats_constants(
@@ -153,7 +188,7 @@ def _batch_stats_constants(plan: Plan, strides: StridesKey, momentum: float, eps
                            update: bool, from_count: bool, write_var: bool) -> dict:
     return dict(**_running_flags(momentum, update, from_count), **plan.split_args(), M=plan.M,
                 **_float64_pair("eps", eps), **_strides(dict(strides), "x"),
-                BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2,
+                BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S,
                 WRITE_VAR=write_var, INT64=plan.INT64)
 
 
@@ -224,8 +259,8 @@ def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strid
     returns the dx coefficients mean_dy, mean_dy_xhat (C,): the sums times inv_count (1/M
     when None; 1.0 gives the raw sums). `saved` holds dy and what the forward kept: x, y (the
     output) and r (the residual), by name."""
-    part_sum_dy = torch.empty(plan.C, plan.num_splits, dtype=mean.dtype, device=mean.device)
-    part_sum_dy_xmu = torch.empty_like(part_sum_dy)
+    part_sum_dy, part_sum_dy_xmu = split_partials(mean.device, plan.C, plan.num_splits,
+                                                  mean.dtype)
     mean_dy, mean_dy_xhat = torch.empty_like(mean), torch.empty_like(mean)
     ticket_words, epoch = tickets(mean.device, _grid(plan)[0])
     constants = _dy_sums_constants(
@@ -250,7 +285,7 @@ def _dy_sums_constants(plan: Plan, strides: StridesKey, inv_count: float, eps: f
     return dict(**plan.split_args(), **_float64_pair("inv_count", inv_count),
                 **_float64_pair("eps", eps),
                 **_strides(dict(strides), "x", "y", "r", "dy", "dr"), BLOCK_C=plan.BLOCK_C,
-                BLOCK_S=plan.BLOCK_S, SPLITS_P2=plan.SPLITS_P2, HAS_WEIGHT=has_weight,
+                BLOCK_S=plan.BLOCK_S, HAS_WEIGHT=has_weight,
                 HAS_BIAS=has_bias, DZ_FROM=dz_from, XHAT_FROM_OUTPUT=xhat_from_output,
                 WRITE_GRAD_RESIDUAL=write_grad_residual, WRITE_GRAD_WEIGHT=write_grad_weight,
                 WRITE_GRAD_BIAS=write_grad_bias, **_epilogue_args(activation),

@@ -27,8 +27,8 @@ import triton.language as tl
 
 from . import activations
 from .forward import slab_offsets
-from .stats import (COMBINE_TILE, channel_scale, channel_shift, divide, finished_last,
-                    split_range, tile_offsets)
+from .stats import (COMBINE_TILE, SPLIT_COUNTS, channel_scale, channel_shift, divide,
+                    finished_last, split_range, tile_offsets)
 
 
 @triton.jit
@@ -128,7 +128,7 @@ def store_affine_grads(grad_weight_ptr, grad_bias_ptr, weight_ptr, c, c_mask, su
         tl.store(grad_bias_ptr + c, sum_dz.to(grad_bias_ptr.dtype.element_ty), mask=c_mask)
 
 
-@triton.jit(do_not_specialize=["epoch"])
+@triton.jit(do_not_specialize=["epoch", *SPLIT_COUNTS])
 def dy_sums_kernel(
     x_ptr, y_ptr, residual_ptr, dy_ptr, grad_residual_ptr, weight_ptr, bias_ptr,
     mean_ptr, invstd_ptr, part_sum_dy_ptr, part_sum_dy_xmu_ptr, tickets_ptr, epoch,
@@ -138,7 +138,7 @@ def dy_sums_kernel(
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs, stride_dyn, stride_dyc, stride_dys,
     stride_drn, stride_drc, stride_drs,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_P2: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     DZ_FROM: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
     WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr, INT64: tl.constexpr,
@@ -191,9 +191,9 @@ def dy_sums_kernel(
 
     if finished_last(tickets_ptr, pid_c, num_splits, epoch):
         # The partials CHUNK columns at a time in a fixed order, summed lane-wise and reduced
-        # once (one chunk, CHUNK = SPLITS_P2, where that fits in stats.COMBINE_TILE values).
-        CHUNK: tl.constexpr = (SPLITS_P2 if SPLITS_P2 * BLOCK_C <= COMBINE_TILE
-                               else COMBINE_TILE // BLOCK_C)
+        # once. CHUNK depends on the tile alone, not on num_splits: one compilation serves
+        # every split count (masked lanes past num_splits load nothing).
+        CHUNK: tl.constexpr = COMBINE_TILE // BLOCK_C
         part_sum_dy = tl.zeros([BLOCK_C, CHUNK], acc_dtype)
         part_sum_dy_xmu = tl.zeros([BLOCK_C, CHUNK], acc_dtype)
         for first_split in range(0, num_splits, CHUNK):
@@ -214,7 +214,7 @@ def dy_sums_kernel(
                            sum_dy_xhat, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS, XHAT_FROM_OUTPUT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SPLIT_COUNTS)
 def input_grad_kernel(
     x_ptr, y_ptr, residual_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
     mean_dy_ptr, mean_dy_xhat_ptr, C, S, eps, eps_lo, act_param, act_param_lo,

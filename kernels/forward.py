@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .stats import (channel_pivot, channel_scale, channel_shift, divide, inverse_std,
-                    split_range, tile_offsets, update_running_stats)
+from .stats import (SPLIT_COUNTS, channel_pivot, channel_scale, channel_shift, divide,
+                    inverse_std, split_range, tile_offsets, update_running_stats)
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def epilogue(z, residual_ptr, residual_offsets, mask, act_param, HAS_RESIDUAL: t
     return activations.activate(z, act_param, ACTIVATION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SPLIT_COUNTS)
 def normalize_kernel(
     x_ptr, y_ptr, residual_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr, centre_ptr,
     running_mean_ptr, running_var_ptr,

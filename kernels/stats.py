@@ -23,6 +23,10 @@ import triton.language as tl
 # [BLOCK_C, SPLITS_P2] of 4096 took 254 registers on sm_90, which held the whole kernel to
 # two programs an SM: registers are allocated for a kernel's fullest point).
 COMBINE_TILE = tl.constexpr(1024)
+# The split kernels' tile and split counts: loop bounds only, so Triton need not specialize on
+# them (divisible by 16, equal to 1). Specialized, nearly every layer of a network was a
+# compilation of its own (issue 17's cold start).
+SPLIT_COUNTS = ["tiles_per_n", "num_tiles", "tiles_per_split", "num_splits"]
 
 
 @triton.jit
@@ -228,7 +232,7 @@ def update_running_stats(running_mean_ptr, running_var_ptr, num_batches_tracked_
     tl.store(running_var_ptr + c, running_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
 
 
-@triton.jit(do_not_specialize=["epoch"])
+@triton.jit(do_not_specialize=["epoch", *SPLIT_COUNTS])
 def batch_stats_kernel(
     x_ptr, part_mean_ptr, part_m2_ptr, tickets_ptr, epoch,
     mean_ptr, invstd_ptr, centre_ptr, var_ptr, running_mean_ptr, running_var_ptr,
@@ -236,7 +240,7 @@ def batch_stats_kernel(
     C, S, M, tiles_per_n, num_tiles, tiles_per_split, num_splits,
     momentum, momentum_lo, eps, eps_lo,
     stride_xn, stride_xc, stride_xs,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_P2: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_COUNT: tl.constexpr, WRITE_VAR: tl.constexpr,
     INT64: tl.constexpr, VECTOR: tl.constexpr = 1,
 ):
@@ -248,8 +252,8 @@ def batch_stats_kernel(
     δ = m_t - m_a,  n = n_a + b,  m_a += δ·b/n,  M2_a += M2_t + δ²·n_a·b/n.
     The last program of the block combines the num_splits partials with counts n_k:
     mean - pivot = Σ n_k·m_k / M,   M2 = Σ (M2_k + n_k·(m_k - (mean - pivot))²),   var = M2/M,
-    over [BLOCK_C, CHUNK] chunks of them in a fixed order (CHUNK = SPLITS_P2 ≥ num_splits,
-    one chunk, where that stays within COMBINE_TILE values), and writes mean, invstd,
+    over [BLOCK_C, CHUNK] chunks of them in a fixed order (CHUNK = COMBINE_TILE // BLOCK_C,
+    whatever num_splits: one compilation for every split count), and writes mean, invstd,
     centre = mean - pivot (unrounded, for normalize_kernel), with WRITE_VAR var, and with
     UPDATE_RUNNING the running statistics. x: (N, C, S), any strides, any float dtype. part_*: (C, num_splits); mean,
     invstd, centre, var: (C,), all in the accumulation dtype (float32, float64 for float64
@@ -287,8 +291,7 @@ def batch_stats_kernel(
     if finished_last(tickets_ptr, pid_c, num_splits, epoch):
         # Two passes over the partials, CHUNK columns at a time in a fixed order, summed
         # lane-wise and reduced once: Σ n_k·m_k first, then around the centre it gives.
-        CHUNK: tl.constexpr = (SPLITS_P2 if SPLITS_P2 * BLOCK_C <= COMBINE_TILE
-                               else COMBINE_TILE // BLOCK_C)
+        CHUNK: tl.constexpr = COMBINE_TILE // BLOCK_C  # the tile's alone, as in dy_sums
         total = tl.zeros([BLOCK_C], acc_dtype) + M
         lane_sum = tl.zeros([BLOCK_C, CHUNK], acc_dtype)
         for first_split in range(0, num_splits, CHUNK):

@@ -183,3 +183,23 @@ def test_plans_are_made_once_per_layout(monkeypatch):
     layer(x.to(memory_format=torch.channels_last))  # other strides: a plan of their own
     layer(torch.randn(3, 5, 7, 7))                  # another shape: too
     assert len(made) == 3
+
+
+def test_split_partials_kept_per_thread_and_shape(monkeypatch, launches):
+    """The split launches' partials are allocated once per (stream, shape): per thread on
+    the CPU, where the interpreter runs a launch to its end on the calling thread."""
+    import threading
+
+    monkeypatch.setattr(launch, "_PARTIALS", {})
+    layer = bn_triton.BatchNorm2d(1)
+    x = torch.randn(8, 1, 128, 128, requires_grad=True)
+    kept = []
+    for _ in range(2):
+        torch.autograd.grad(layer(x), x, torch.ones_like(x))
+        (buffers,) = launch._PARTIALS.values()
+        kept.append({shape: [t.data_ptr() for t in pair] for shape, pair in buffers.items()})
+    assert launches.count_of("batch_stats_kernel") == 2 and launches.count_of("dy_sums_kernel") == 2
+    assert kept[0] == kept[1] and len(kept[0]) >= 1  # the same buffers, not new ones
+    thread = threading.Thread(target=lambda: layer(x.detach()))
+    thread.start(), thread.join()
+    assert len(launch._PARTIALS) == 2
