@@ -78,9 +78,13 @@ def grads_in_torch(grad_output: torch.Tensor, input: torch.Tensor,
             z = z + bias.to(acc).view(shape)
         if source == "x_residual":
             z = z + residual.to(acc)
-        if not z.requires_grad:  # only dy is differentiated: act'(z) is a constant
-            z = z.detach().requires_grad_()
-        dz, = torch.autograd.grad(torch_activation(activation)(z), z, dy, create_graph=True)
+        if torch._C._are_functorch_transforms_active():  # requires_grad_ is refused there
+            _, act_vjp = torch.func.vjp(torch_activation(activation), z)
+            dz, = act_vjp(dy)
+        else:
+            if not z.requires_grad:  # only dy is differentiated: act'(z) is a constant
+                z = z.detach().requires_grad_()
+            dz, = torch.autograd.grad(torch_activation(activation)(z), z, dy, create_graph=True)
     sum_dy = dz.sum(dims)
     sum_dy_xhat = (dz * xhat).sum(dims)
     scale = gamma * invstd.view(shape)

@@ -163,7 +163,11 @@ def apply_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                                    momentum, eps, residual, activation or IDENTITY,
                                    memory_efficient)
     # The one copy made: a view whose spatial dims no single stride describes (x[..., ::2])
-    # becomes contiguous here, once, so that forward and backward read the same copy.
-    return library.batch_norm(kernel_ready(input), weight, bias, running_mean, running_var,
+    # becomes contiguous here, once, so that forward and backward read the same copy. A
+    # tensor under torch.func cannot be asked its memory format (vmap: "NYI"): the ops' vmap
+    # rules fold it into a plain tensor, and the launches make that kernel-ready.
+    if not torch._C._are_functorch_transforms_active():
+        input = kernel_ready(input)
+    return library.batch_norm(input, weight, bias, running_mean, running_var,
                               num_batches_tracked, training, momentum, eps, residual,
                               activation, memory_efficient, group_name)

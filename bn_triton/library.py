@@ -31,7 +31,7 @@ in torch's differentiable ops, so a gradient penalty works as with torch's batch
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -226,16 +226,18 @@ class BatchNormBackwardFunction(torch.autograd.Function):
     def forward(grad_output, input, output, residual, weight, bias, mean, invstd, training,
                 output_mask, bias_dtype, has_residual, activation, activation_param,
                 memory_efficient, eps):
+        # output_mask comes as a string ("1101"): torch's generated vmap rule, with a jvp,
+        # lines a list argument's items up with the tangents.
         with torch._C._AutoDispatchBelowAutograd():
             return torch.ops.bn_triton.batch_norm_backward(
                 grad_output, input, output, residual, weight, bias, mean, invstd, training,
-                output_mask, bias_dtype, has_residual, activation, activation_param,
+                _mask(output_mask), bias_dtype, has_residual, activation, activation_param,
                 memory_efficient, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_backward_of_backward(ctx, inputs, output)
-        ctx.output_mask = inputs[9]
+        ctx.output_mask = _mask(inputs[9])
         ctx.save_for_forward(*inputs[:8])
 
     @staticmethod
@@ -269,6 +271,39 @@ class BatchNormBackwardFunction(torch.autograd.Function):
                      for t, wanted, like in zip(t_grads, ctx.output_mask,
                                                 (reference, primals[4] if primals[4] is not None
                                                  else reference, reference, reference)))
+
+
+def _mask(flags: str) -> List[bool]:
+    return [flag == "1" for flag in flags]
+
+
+def _mask_string(output_mask: Sequence[bool]) -> str:
+    return "".join("1" if wanted else "0" for wanted in output_mask)
+
+
+class SyncBatchNormBackwardFunction(torch.autograd.Function):
+    """sync_batch_norm_backward under torch.func's transforms (see BatchNormBackwardFunction):
+    the op below autograd, its vmap the op's batching rule, no double backward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_output, input, output, residual, weight, bias, mean, invstd, count,
+                output_mask, bias_dtype, group_name, has_residual, activation,
+                activation_param, memory_efficient, eps):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.bn_triton.sync_batch_norm_backward(
+                grad_output, input, output, residual, weight, bias, mean, invstd, count,
+                _mask(output_mask), bias_dtype, group_name, has_residual, activation,
+                activation_param, memory_efficient, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_SYNC)
 
 
 def _no_double_backward(ctx, *grads):
@@ -314,14 +349,19 @@ def _input_grads(ctx, grad_output: torch.Tensor, through_ops: bool):
     output_mask = [needs[0], needs[1], needs[2], needs[9] and residual_from_kernel]
     epilogue = (ctx.has_residual, ctx.activation, ctx.activation_param, ctx.memory_efficient,
                 ctx.eps)
-    if ctx.group_name is not None:
+    transformed = torch._C._are_functorch_transforms_active()
+    if ctx.group_name is not None and transformed:
+        grads = SyncBatchNormBackwardFunction.apply(
+            grad_output, input, output, residual, weight, bias, mean, invstd, count,
+            _mask_string(output_mask), ctx.bias_dtype, ctx.group_name, *epilogue)
+    elif ctx.group_name is not None:
         grads = torch.ops.bn_triton.sync_batch_norm_backward(
             grad_output, input, output, residual, weight, bias, mean, invstd, count,
             output_mask, ctx.bias_dtype, ctx.group_name, *epilogue)
-    elif through_ops and torch._C._are_functorch_transforms_active():
+    elif through_ops and transformed:
         grads = BatchNormBackwardFunction.apply(
             grad_output, input, output, residual, weight, bias, mean, invstd, ctx.training,
-            output_mask, ctx.bias_dtype, *epilogue)
+            _mask_string(output_mask), ctx.bias_dtype, *epilogue)
     elif through_ops:
         grads = torch.ops.bn_triton.batch_norm_backward(
             grad_output, input, output, residual, weight, bias, mean, invstd, ctx.training,
@@ -511,3 +551,6 @@ def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     return function.apply(input, weight, bias, running_mean, running_var,
                                    num_batches_tracked, training, momentum, eps, residual,
                                    name, param, memory_efficient, group_name)[0]
+
+
+from . import batching  # noqa: E402,F401  (the ops' vmap rules, registered on import)

@@ -234,3 +234,55 @@ def test_compiled_checkpoint_counts_once(launches):
     assert compiled_model[1].num_batches_tracked.item() == 1
     torch.testing.assert_close(compiled_model[1].running_mean, plain[1].running_mean)
     assert launches.forward_calls() > 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "silu", "relu"])
+def test_jacfwd_and_hessian_match_torch(training, activation, launches):
+    """jacfwd (vmap of jvp) and hessian (jacfwd of jacrev) of a loss through the layer's
+    function, against torch's, in float64."""
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    weight, bias = torch.rand(2, dtype=torch.float64) + 0.5, torch.randn(2, dtype=torch.float64)
+    running = (None, None) if training else (torch.randn(2, dtype=torch.float64),
+                                             torch.rand(2, dtype=torch.float64) + 0.5)
+    act = torch_activation(parse_activation(activation, None))
+
+    def theirs(x):
+        return act(F.batch_norm(x, *running, weight, bias, training))
+
+    def ours(x):
+        return bn_triton.batch_norm(x, *running, weight, bias, training, activation=activation)
+
+    tol = tolerance(torch.float64)
+    torch.testing.assert_close(torch.func.jacfwd(ours)(x), torch.func.jacfwd(theirs)(x), **tol)
+    assert launches.forward_calls() >= 1 and launches.backward_calls() >= 1
+    torch.testing.assert_close(torch.func.hessian(lambda t: ours(t).pow(3).sum())(x),
+                               torch.func.hessian(lambda t: theirs(t).pow(3).sum())(x), **tol)
+
+
+def test_sync_batch_norm_per_sample_gradients_one_rank(tmp_path, monkeypatch, launches):
+    """vmap(grad) through SyncBatchNorm's collective path (a one-rank gloo group): its
+    backward op under torch.func, against torch's BatchNorm one sample at a time."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("BN_TRITON_SYNC_ALWAYS", "1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)
+    try:
+        layer = bn_triton.SyncBatchNorm(3, track_running_stats=False)
+        reference = torch.nn.BatchNorm2d(3, track_running_stats=False)
+        params = {k: v.detach() for k, v in layer.named_parameters()}
+        xs = torch.randn(2, 4, 3, 5, 5)
+
+        def loss(p, x, model):
+            return functional_call(model, p, (x,)).pow(3).sum()
+
+        ours = torch.func.vmap(grad(lambda p, x: loss(p, x, layer)), in_dims=(None, 0))(
+            params, xs)
+        assert "merge_statistics_kernel" in launches and launches.backward_calls() >= 1
+        for i, x in enumerate(xs):
+            theirs = grad(lambda p: loss(p, x, reference))(params)
+            for key in theirs:
+                torch.testing.assert_close(ours[key][i], theirs[key], **tolerance(torch.float32))
+    finally:
+        dist.destroy_process_group()

@@ -11,22 +11,12 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
 
 import bn_triton
-from bn_triton import batching, functional, plan  # noqa: F401  (batching: the vmap rules)
+import bn_triton.batching  # noqa: F401  (imported by the package too: the ops' vmap rules)
 from conftest import stat_tolerance, tolerance
 
 TOL = tolerance(torch.float32)
 STAT_TOL = stat_tolerance(torch.float32)
 B, N, C, H = 3, 4, 2, 5  # B: the vmapped dim; each sample (N, C, H, H)
-
-
-@pytest.fixture(autouse=True)
-def _until_functional_has_it(monkeypatch):
-    # vmap's BatchedTensor cannot be asked is_contiguous(channels_last) ("NYI"): under a
-    # transform functional.apply_batch_norm must leave kernel_ready to the launches.
-    def kernel_ready(t):
-        return t if torch._C._are_functorch_transforms_active() else plan.kernel_ready(t)
-
-    monkeypatch.setattr(functional, "kernel_ready", kernel_ready)
 
 
 def stats(C: int = C, batch: int = 0):
