@@ -33,7 +33,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 FORWARD_TARGET = 2.5
 FORWARD_BACKWARD_TARGET = 2.0
 # (case, module, shape, channels_last): the slab and the split path, both layouts.
-SLAB, SPLIT = (8, 16, 4, 4), (4, 8, 128, 128)
+# The split cases run the small shape with the plan's slab budgets set to 0 (forced_split):
+# the host work of a split call does not depend on its size, and a large CPU tensor would add
+# the CPU allocator's mmap/munmap of each output (about 14 µs a step measured at 2 MiB), which
+# a GPU's caching allocator does not have.
+SLAB = SPLIT = (8, 16, 4, 4)
 CASES = [
     ("BatchNorm2d slab NCHW", "bn", SLAB, False),
     ("BatchNorm2d slab NHWC", "bn", SLAB, True),
@@ -82,15 +86,21 @@ def best_us(call: Callable[[], object], number: int, repeat: int = 5) -> float:
 
 
 def paired_best_us(ours: Callable[[], object], theirs: Callable[[], object], number: int,
-                   repeat: int = 7) -> Tuple[float, float]:
+                   repeat: int = 7, ours_within=contextlib.nullcontext
+                   ) -> Tuple[float, float]:
     """(ours, theirs): each the best of `repeat` means over `number` calls, in µs, the two
-    measured in turns, so that a busy moment of the machine slows both."""
+    measured in turns, so that a busy moment of the machine slows both; ours inside the
+    context `ours_within()` makes (the switch), theirs outside it. timeit's convention:
+    garbage collection off while timing."""
     for _ in range(min(100, number)):
-        ours(), theirs()
+        theirs()
+        with ours_within():
+            ours()
     best_ours = best_theirs = float("inf")
     for _ in range(repeat):
         best_theirs = min(best_theirs, timeit.timeit(theirs, number=number) / number * 1e6)
-        best_ours = min(best_ours, timeit.timeit(ours, number=number) / number * 1e6)
+        with ours_within():
+            best_ours = min(best_ours, timeit.timeit(ours, number=number) / number * 1e6)
     return best_ours, best_theirs
 
 
@@ -146,34 +156,65 @@ def measure(number: int = 2000) -> List[dict]:
     rows = []
     with stubbed_launches() as stubs:
         for label, kind, shape, channels_last in CASES:
-            layer = _layer(kind, shape[1])
-            x, dy = _tensors(shape, channels_last)
-            if kind == "act":
-                theirs_forward = lambda: torch.relu(reference(tiny_x))  # noqa: E731
-                theirs_forward_backward = lambda: torch.autograd.grad(  # noqa: E731
-                    torch.relu(reference(tiny_x)), (tiny_x, *reference.parameters()), tiny_dy)
-            else:
-                theirs_forward, theirs_forward_backward = torch_forward, torch_forward_backward
-            ours_forward, ours_forward_backward = _calls(layer, x, dy)
-            row = {"case": label, "shape": list(shape),
-                   "layout": "channels_last" if channels_last else "contiguous"}
-            for mode, ours, theirs in (("forward", ours_forward, theirs_forward),
-                                       ("forward_backward", ours_forward_backward,
-                                        theirs_forward_backward)):
-                for stub in stubs.values():
-                    stub.calls = 0
-                with (bn_triton.switch.enabled() if kind == "switch"
-                      else contextlib.nullcontext()):
-                    ours()
-                    launches = sum(stub.calls for stub in stubs.values())
-                    ours_us, torch_us = paired_best_us(ours, theirs, number)
-                row[mode] = {"bn_triton_us": round(ours_us, 1), "torch_us": round(torch_us, 1),
-                             "ratio": round(ours_us / torch_us, 2), "launches": launches}
-            if launches == 0:
-                raise RuntimeError(f"{label}: no launch reached the stub; the case measured "
-                                   "something other than bn_triton's kernels path")
-            rows.append(row)
+            with forced_split(" split" in label):
+                rows.append(_case(label, kind, shape, channels_last, stubs, number, reference,
+                                  tiny_x, tiny_dy, torch_forward, torch_forward_backward))
     return rows
+
+
+@contextlib.contextmanager
+def forced_split(force: bool):
+    """The plan's slab budgets set to 0 while `force`: every call takes the split path."""
+    from bn_triton import plan
+
+    saved = plan.MAX_SLAB_FORWARD, plan.MAX_SLAB_BACKWARD
+    if force:
+        plan.MAX_SLAB_FORWARD = plan.MAX_SLAB_BACKWARD = 0
+    try:
+        yield
+    finally:
+        plan.MAX_SLAB_FORWARD, plan.MAX_SLAB_BACKWARD = saved
+
+
+def _case(label, kind, shape, channels_last, stubs, number, reference, tiny_x, tiny_dy,
+          torch_forward, torch_forward_backward) -> dict:
+    """One row of measure(): the case's forward and forward + backward, each paired with
+    torch's module (relu after it for the fused layer)."""
+    import torch
+
+    import bn_triton
+
+    layer = _layer(kind, shape[1])
+    x, dy = _tensors(shape, channels_last)
+    if kind == "act":
+        def theirs_forward():
+            return torch.relu(reference(tiny_x))
+
+        def theirs_forward_backward():
+            torch.autograd.grad(torch.relu(reference(tiny_x)),
+                                (tiny_x, *reference.parameters()), tiny_dy)
+    else:
+        theirs_forward, theirs_forward_backward = torch_forward, torch_forward_backward
+    ours_forward, ours_forward_backward = _calls(layer, x, dy)
+    row = {"case": label, "shape": list(shape),
+           "layout": "channels_last" if channels_last else "contiguous"}
+    for mode, ours, theirs in (("forward", ours_forward, theirs_forward),
+                               ("forward_backward", ours_forward_backward,
+                                theirs_forward_backward)):
+        for stub in stubs.values():
+            stub.calls = 0
+        within = bn_triton.switch.enabled if kind == "switch" else contextlib.nullcontext
+        with within():
+            ours()
+        launches = {name: stub.calls for name, stub in stubs.items() if stub.calls}
+        ours_us, torch_us = paired_best_us(ours, theirs, number, ours_within=within)
+        if not launches:
+            raise RuntimeError(f"{label}: no launch reached the stub; the case measured "
+                               "something other than bn_triton's kernels path")
+        row[mode] = {"bn_triton_us": round(ours_us, 1), "torch_us": round(torch_us, 1),
+                     "ratio": round(ours_us / torch_us, 2),
+                     "launches": sum(launches.values()), "kernels": sorted(launches)}
+    return row
 
 
 # --- Triton's own cost per launch ---------------------------------------------------------
