@@ -243,14 +243,21 @@ def launch(name: str, grid: Sequence[int], num_warps: int, device: torch.device,
     autotuner picks the warps where it runs (TunedKernel), the heuristic num_warps elsewhere.
     Once a launch's compiled kernel is known it is launched directly (compiled.py)."""
     kernel = LAUNCHERS[name]
-    with device_guard(device):
-        direct = DIRECT.get(name)
-        if direct is not None and LAUNCHERS[name] is DIRECT_SOURCES[name]:
-            direct.launch(grid, num_warps, device, constants, tensors,
-                          lambda: _through_triton(kernel, grid, num_warps, device, constants,
-                                                  tensors))
-        else:
-            _through_triton(kernel, grid, num_warps, device, constants, tensors)
+    if device.type == "cuda":
+        with device_guard(device):
+            _launch(name, kernel, grid, num_warps, device, constants, tensors)
+    else:  # no device to make current (device_guard's nullcontext, without its cost)
+        _launch(name, kernel, grid, num_warps, device, constants, tensors)
+
+
+def _launch(name, kernel, grid, num_warps, device, constants, tensors) -> None:
+    direct = DIRECT.get(name)
+    if direct is not None and kernel is DIRECT_SOURCES[name]:
+        direct.launch(grid, num_warps, device, constants, tensors,
+                      lambda: _through_triton(kernel, grid, num_warps, device, constants,
+                                              tensors))
+    else:
+        _through_triton(kernel, grid, num_warps, device, constants, tensors)
 
 
 def _through_triton(kernel, grid, num_warps, device, constants, tensors):
