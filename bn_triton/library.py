@@ -333,6 +333,7 @@ def _save_for_backward(ctx, input: torch.Tensor, weight: Optional[torch.Tensor],
     ctx.group_name = group_name
     ctx.training, ctx.eps = training, eps
     ctx.activation, ctx.activation_param = activation.name, activation.param
+    ctx.epilogue_activation = activation  # the object itself: a frozen dataclass is slow to build
     ctx.memory_efficient, ctx.has_residual = memory_efficient, residual is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
@@ -370,7 +371,7 @@ def _input_grads(ctx, grad_output: torch.Tensor, through_ops: bool):
         grads = launch.batch_norm_backward(
             grad_output, input, output, residual, weight, bias, mean, invstd, ctx.training,
             output_mask, ctx.bias_dtype, ctx.has_residual,
-            Activation(ctx.activation, ctx.activation_param), ctx.memory_efficient, ctx.eps)
+            ctx.epilogue_activation, ctx.memory_efficient, ctx.eps)
     grad_input, grad_weight, grad_bias, grad_residual = [
         grad if wanted else None for grad, wanted in zip(grads, output_mask)]
     if needs[9] and not residual_from_kernel:
@@ -446,7 +447,7 @@ class TransformedBatchNormFunction(BatchNormFunction):
             raise RuntimeError(forward_ad.NOT_DIFFERENTIABLE_RUNNING)
         t_output = forward_ad.output_tangent(
             t_input, t_weight, t_bias, t_residual, input, weight, bias, residual, mean, invstd,
-            ctx.training, ctx.eps, Activation(ctx.activation, ctx.activation_param),
+            ctx.training, ctx.eps, ctx.epilogue_activation,
             ctx.memory_efficient, ctx.group_name, count[0] if count else None)
         if t_output is None:  # tangents on the running statistics alone: no effect
             t_output = torch.zeros_like(input)

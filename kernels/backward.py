@@ -192,8 +192,10 @@ def dy_sums_kernel(
     if finished_last(tickets_ptr, pid_c, num_splits, epoch):
         # The partials CHUNK columns at a time in a fixed order, summed lane-wise and reduced
         # once. CHUNK depends on the tile alone, not on num_splits: one compilation serves
-        # every split count (masked lanes past num_splits load nothing).
-        CHUNK: tl.constexpr = COMBINE_TILE // BLOCK_C
+        # every split count (masked lanes past num_splits load nothing). Half batch_stats'
+        # chunk: two partials a lane here, and a full chunk spilled 4 bytes on sm_90 under
+        # Triton 3.6 (ResNet-50's first batch norm, NCHW float32).
+        CHUNK: tl.constexpr = max(1, COMBINE_TILE // 2 // BLOCK_C)
         part_sum_dy = tl.zeros([BLOCK_C, CHUNK], acc_dtype)
         part_sum_dy_xmu = tl.zeros([BLOCK_C, CHUNK], acc_dtype)
         for first_split in range(0, num_splits, CHUNK):
