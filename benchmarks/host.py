@@ -147,8 +147,6 @@ def measure(number: int = 2000) -> List[dict]:
     makes."""
     import torch
 
-    import bn_triton
-
     torch.manual_seed(0)
     reference = torch.nn.BatchNorm2d(16)
     tiny_x, tiny_dy = _tensors((2, 16, 2, 2), False)

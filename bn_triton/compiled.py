@@ -25,7 +25,6 @@ arguments other than the kernels' do_not_specialize ones.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple

@@ -40,7 +40,8 @@ class Tickets:
     A launch passes its epoch; its last program of each block leaves (epoch + 1, 0) for the
     next one, which finds its own epoch there and takes the one-atomic fast path. A word with
     any other epoch is stale and is reclaimed in the kernel, so a buffer that drifted (a
-    stray increment, launches on it reordered between threads) is right at the next launch. Eager buffers are kept per (device, stream), allocated once, not per call. Inside
+    stray increment, launches on it reordered between threads) is right at the next launch.
+    Eager buffers are kept per (device, stream), allocated once, not per call. Inside
     CUDA-graph capture every launch gets a buffer of its own, zeroed in the graph (epoch 0),
     so that a replay, on any stream, never shares words with eager launches or with another
     graph, and no graph holds a buffer that a later grow frees."""

@@ -255,9 +255,9 @@ def batch_stats_kernel(
     over [BLOCK_C, CHUNK] chunks of them in a fixed order (CHUNK = COMBINE_TILE // BLOCK_C,
     whatever num_splits: one compilation for every split count), and writes mean, invstd,
     centre = mean - pivot (unrounded, for normalize_kernel), with WRITE_VAR var, and with
-    UPDATE_RUNNING the running statistics. x: (N, C, S), any strides, any float dtype. part_*: (C, num_splits); mean,
-    invstd, centre, var: (C,), all in the accumulation dtype (float32, float64 for float64
-    x). tickets: int64, one per channel block, with this launch's epoch (see finished_last).
+    UPDATE_RUNNING the running statistics. x: (N, C, S), any strides, any float dtype.
+    part_*: (C, num_splits); mean, invstd, centre, var: (C,), all in the accumulation dtype
+    (float32, float64 for float64 x). tickets: int64, one per channel block, with this launch's epoch (see finished_last).
     Divisions are correctly rounded (see divide)."""
     acc_dtype = part_mean_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
