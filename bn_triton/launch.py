@@ -171,13 +171,14 @@ def batch_statistics(x: torch.Tensor, plan: Plan, strides: Dict[str, Strides],
                      eps: float, var: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Launch batch_stats_kernel: writes mean, invstd (the biased var too, if given, and the
     running statistics, if given); returns centre = mean - x[0, c, 0] for normalize_kernel."""
-    part_mean, part_m2 = split_partials(x.device, plan.C, plan.num_splits, mean.dtype)
+    device = x.device
+    part_mean, part_m2 = split_partials(device, plan.C, plan.num_splits, mean.dtype)
     centre = torch.empty_like(mean)
-    ticket_words, epoch = tickets(x.device, _grid(plan)[0])
+    ticket_words, epoch = tickets(device, _grid(plan)[0])
     constants = _batch_stats_constants(
         plan, _key(strides), momentum, eps, running_mean is not None,
         num_batches_tracked is not None, var is not None)
-    launch("batch_stats_kernel", _grid(plan), NUM_WARPS, x.device, constants, x_ptr=x,
+    launch("batch_stats_kernel", _grid(plan), NUM_WARPS, device, constants, x_ptr=x,
            part_mean_ptr=part_mean, part_m2_ptr=part_m2, tickets_ptr=ticket_words,
            epoch=epoch, mean_ptr=mean, invstd_ptr=invstd, centre_ptr=centre, var_ptr=var,
            **_running_ptrs(running_mean, running_var, num_batches_tracked))
@@ -260,15 +261,16 @@ def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strid
     returns the dx coefficients mean_dy, mean_dy_xhat (C,): the sums times inv_count (1/M
     when None; 1.0 gives the raw sums). `saved` holds dy and what the forward kept: x, y (the
     output) and r (the residual), by name."""
-    part_sum_dy, part_sum_dy_xmu = split_partials(mean.device, plan.C, plan.num_splits,
+    device = mean.device
+    part_sum_dy, part_sum_dy_xmu = split_partials(device, plan.C, plan.num_splits,
                                                   mean.dtype)
     mean_dy, mean_dy_xhat = torch.empty_like(mean), torch.empty_like(mean)
-    ticket_words, epoch = tickets(mean.device, _grid(plan)[0])
+    ticket_words, epoch = tickets(device, _grid(plan)[0])
     constants = _dy_sums_constants(
         plan, _key(strides), 1.0 / plan.M if inv_count is None else inv_count, eps,
         weight is not None, bias is not None, dz_from, xhat_from_output,
         grad_residual is not None, grad_weight is not None, grad_bias is not None, activation)
-    launch("dy_sums_kernel", _grid(plan), NUM_WARPS, mean.device, constants,
+    launch("dy_sums_kernel", _grid(plan), NUM_WARPS, device, constants,
            x_ptr=saved.get("x"), y_ptr=saved.get("y"), residual_ptr=saved.get("r"),
            dy_ptr=saved["dy"], grad_residual_ptr=grad_residual, weight_ptr=weight,
            bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, part_sum_dy_ptr=part_sum_dy,
@@ -393,7 +395,8 @@ def batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
     scales by |γ| + eps (see epilogue.py)."""
     x = kernel_ready(input)
     y = empty_output(input)
-    mean = torch.empty(x.shape[1], dtype=accumulation_dtype(x.dtype), device=x.device)
+    device = x.device
+    mean = torch.empty(x.shape[1], dtype=accumulation_dtype(x.dtype), device=device)
     invstd = torch.empty_like(mean)
     if x.numel() == 0:
         if training:  # the statistics of no values
