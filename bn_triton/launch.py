@@ -149,16 +149,6 @@ def _running_ptrs(running_mean, running_var, num_batches_tracked) -> dict:
                 num_batches_tracked_ptr=num_batches_tracked if from_count else None)
 
 
-@functools.lru_cache(maxsize=CACHED_LAUNCHES)
-def _grid(plan: Plan) -> Tuple[int, ...]:
-    return plan.grid
-
-
-@functools.lru_cache(maxsize=CACHED_LAUNCHES)
-def _slab_num_warps(plan: Plan) -> int:
-    return plan.slab_num_warps
-
-
 def _key(strides: Dict[str, Strides]) -> StridesKey:
     """The named strides of a call as a cache key."""
     return tuple(strides.items())
@@ -174,11 +164,11 @@ def batch_statistics(x: torch.Tensor, plan: Plan, strides: Dict[str, Strides],
     device = x.device
     part_mean, part_m2 = split_partials(device, plan.C, plan.num_splits, mean.dtype)
     centre = torch.empty_like(mean)
-    ticket_words, epoch = tickets(device, _grid(plan)[0])
+    ticket_words, epoch = tickets(device, plan.grid[0])
     constants = _batch_stats_constants(
         plan, _key(strides), momentum, eps, running_mean is not None,
         num_batches_tracked is not None, var is not None)
-    launch("batch_stats_kernel", _grid(plan), NUM_WARPS, device, constants, x_ptr=x,
+    launch("batch_stats_kernel", plan.grid, NUM_WARPS, device, constants, x_ptr=x,
            part_mean_ptr=part_mean, part_m2_ptr=part_m2, tickets_ptr=ticket_words,
            epoch=epoch, mean_ptr=mean, invstd_ptr=invstd, centre_ptr=centre, var_ptr=var,
            **_running_ptrs(running_mean, running_var, num_batches_tracked))
@@ -205,7 +195,7 @@ def normalize(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tensor]
     constants = _normalize_constants(plan, _key(strides), eps, centre is not None,
                                      weight is not None, bias is not None,
                                      residual is not None, abs_weight, activation)
-    launch("normalize_kernel", _grid(plan), NUM_WARPS, x.device, constants, x_ptr=x, y_ptr=y,
+    launch("normalize_kernel", plan.grid, NUM_WARPS, x.device, constants, x_ptr=x, y_ptr=y,
            residual_ptr=residual, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
            invstd_ptr=invstd, centre_ptr=centre, running_mean_ptr=running_mean,
            running_var_ptr=running_var)
@@ -233,7 +223,7 @@ def forward_slab(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tens
         plan, _key(strides), momentum, eps, running_mean is not None,
         num_batches_tracked is not None, weight is not None, bias is not None,
         residual is not None, abs_weight, activation)
-    launch("forward_slab_kernel", _grid(plan), _slab_num_warps(plan), x.device, constants,
+    launch("forward_slab_kernel", plan.grid, plan.slab_num_warps, x.device, constants,
            x_ptr=x, y_ptr=y, residual_ptr=residual, weight_ptr=weight, bias_ptr=bias,
            mean_ptr=mean, invstd_ptr=invstd,
            **_running_ptrs(running_mean, running_var, num_batches_tracked))
@@ -265,12 +255,12 @@ def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strid
     part_sum_dy, part_sum_dy_xmu = split_partials(device, plan.C, plan.num_splits,
                                                   mean.dtype)
     mean_dy, mean_dy_xhat = torch.empty_like(mean), torch.empty_like(mean)
-    ticket_words, epoch = tickets(device, _grid(plan)[0])
+    ticket_words, epoch = tickets(device, plan.grid[0])
     constants = _dy_sums_constants(
         plan, _key(strides), 1.0 / plan.M if inv_count is None else inv_count, eps,
         weight is not None, bias is not None, dz_from, xhat_from_output,
         grad_residual is not None, grad_weight is not None, grad_bias is not None, activation)
-    launch("dy_sums_kernel", _grid(plan), NUM_WARPS, device, constants,
+    launch("dy_sums_kernel", plan.grid, NUM_WARPS, device, constants,
            x_ptr=saved.get("x"), y_ptr=saved.get("y"), residual_ptr=saved.get("r"),
            dy_ptr=saved["dy"], grad_residual_ptr=grad_residual, weight_ptr=weight,
            bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, part_sum_dy_ptr=part_sum_dy,
@@ -306,7 +296,7 @@ def input_grad(saved: Dict[str, torch.Tensor], dx: torch.Tensor, plan: Plan,
     constants = _input_grad_constants(plan, _key(strides), eps, coefficients is not None,
                                       weight is not None, bias is not None, dz_from,
                                       xhat_from_output, activation)
-    launch("input_grad_kernel", _grid(plan), NUM_WARPS, mean.device, constants,
+    launch("input_grad_kernel", plan.grid, NUM_WARPS, mean.device, constants,
            x_ptr=saved.get("x"), y_ptr=saved.get("y"), residual_ptr=saved.get("r"),
            dy_ptr=saved["dy"], dx_ptr=dx, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
            invstd_ptr=invstd, mean_dy_ptr=mean_dy, mean_dy_xhat_ptr=mean_dy_xhat)
@@ -335,7 +325,7 @@ def backward_slab(saved: Dict[str, torch.Tensor], dx: Optional[torch.Tensor], pl
         plan, _key(strides), eps, batch_stats, weight is not None, bias is not None, dz_from,
         xhat_from_output, grad_weight is not None, grad_bias is not None, dx is not None,
         grad_residual is not None, activation)
-    launch("backward_slab_kernel", _grid(plan), _slab_num_warps(plan), mean.device, constants,
+    launch("backward_slab_kernel", plan.grid, plan.slab_num_warps, mean.device, constants,
            x_ptr=saved.get("x"), y_ptr=saved.get("y"), residual_ptr=saved.get("r"),
            dy_ptr=saved["dy"], dx_ptr=dx, grad_residual_ptr=grad_residual, weight_ptr=weight,
            bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, grad_weight_ptr=grad_weight,

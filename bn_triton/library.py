@@ -303,7 +303,7 @@ class SyncBatchNormBackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(DOUBLE_BACKWARD_SYNC)
+        _no_double_backward(ctx, *grads)
 
 
 def _no_double_backward(ctx, *grads):
@@ -468,7 +468,7 @@ class EagerBatchNormFunction(torch.autograd.Function):
                 running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
                 training: bool, momentum: float, eps: float, residual: Optional[torch.Tensor],
                 activation: Activation, memory_efficient: bool) -> torch.Tensor:
-        output, mean, invstd = _forward_launches(
+        output, mean, invstd = _launch_forward(
             input, weight, bias, running_mean, running_var, num_batches_tracked, training,
             momentum, eps, residual, activation, memory_efficient)
         _save_for_backward(ctx, input, weight, bias, residual, output, mean, invstd, None,
@@ -483,7 +483,7 @@ class EagerBatchNormFunction(torch.autograd.Function):
                 grad_residual, None, None)
 
 
-def _forward_launches(input, weight, bias, running_mean, running_var, num_batches_tracked,
+def _launch_forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
                       training, momentum, eps, residual, activation, memory_efficient):
     """batch_norm_forward's launches, called directly, with the op's effect on autograd's
     version counters: a running statistic written in place counts as modified."""
@@ -548,7 +548,7 @@ def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
             return EagerBatchNormFunction.apply(
                 input, weight, bias, running_mean, running_var, num_batches_tracked, training,
                 momentum, eps, residual, activation, memory_efficient)
-        return _forward_launches(input, weight, bias, running_mean, running_var,
+        return _launch_forward(input, weight, bias, running_mean, running_var,
                                  num_batches_tracked, training, momentum, eps, residual,
                                  activation, memory_efficient)[0]
     name, param = (activation.name, activation.param) if activation else ("identity", 0.0)

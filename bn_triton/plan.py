@@ -214,16 +214,16 @@ class Plan:
 
     @property
     def SPLITS_P2(self) -> int:
-        """A power of two ≥ num_splits: the split partials of a channel block, as the kernels
-        see them (they combine them kernels/stats.COMBINE_TILE values at a time)."""
+        """A power of two ≥ num_splits (the kernels no longer take it: they combine the
+        partials in chunks of the tile's own size, kernels/stats.COMBINE_TILE)."""
         return triton.next_power_of_2(self.num_splits)
 
-    @property
+    @functools.cached_property  # read by every launch: triton.cdiv is slow in Triton 3.9
     def grid(self) -> Tuple[int, ...]:
         c_blocks = triton.cdiv(self.C, self.BLOCK_C)
         return (c_blocks,) if self.slab else (c_blocks, self.num_splits)
 
-    @property
+    @functools.cached_property
     def slab_num_warps(self) -> int:
         """Warps of a slab program: 16 to 64 slab values a thread, 4 to 16 warps."""
         values = self.BLOCK_C * self.BLOCK_N * self.BLOCK_S

@@ -1,9 +1,9 @@
 """Which configuration runs each kernel, and the one place kernels are launched.
 
 `launch(name, grid, num_warps, device, constants, **tensors)` starts kernel `name` on `device`,
-under that device's guard (Triton launches on the current device and its current stream, so a tensor
-on cuda:1 while cuda:0 is current would otherwise be launched on the wrong GPU), either with
-the heuristic num_warps or through triton.autotune.
+under that device's guard (Triton launches on the current device and its current stream, so a
+tensor on cuda:1 while cuda:0 is current would otherwise be launched on the wrong GPU), either
+with the heuristic num_warps or through triton.autotune.
 
 What may be tuned: only what leaves a kernel's bits unchanged. num_warps sets the layout of a
 tile over threads, and tl.sum's combine tree follows the layout, so a kernel that reduces
