@@ -27,8 +27,7 @@ _TICKETS_LOCK = threading.Lock()
 # Plans and launch constants remembered (per shape, strides, flags): about one model's worth
 # of layers many times over; the cache starts again when full.
 CACHED_LAUNCHES = 4096
-_PLANS: Dict[tuple, Tuple[Plan, Dict[str, Strides]]] = {}
-StridesKey = Tuple[Tuple[str, Strides], ...]
+_PLANS: Dict[tuple, Tuple[Plan, "NamedStrides"]] = {}
 # Ticket epochs live in 31 bits (finished_last keeps them in an int64's high half).
 EPOCHS = 2**31
 
@@ -149,9 +148,18 @@ def _running_ptrs(running_mean, running_var, num_batches_tracked) -> dict:
                 num_batches_tracked_ptr=num_batches_tracked if from_count else None)
 
 
-def _key(strides: Dict[str, Strides]) -> StridesKey:
-    """The named strides of a call as a cache key."""
-    return tuple(strides.items())
+class NamedStrides(dict):
+    """name -> (n, c, s) strides of a call's tensors as its plan sees them; a key of the
+    launch-constants caches, so hashed once (it is never changed once made)."""
+
+    __slots__ = ("_hash",)
+
+    def __hash__(self) -> int:
+        try:
+            return self._hash
+        except AttributeError:
+            self._hash = hash(tuple(self.items()))
+            return self._hash
 
 
 def batch_statistics(x: torch.Tensor, plan: Plan, strides: Dict[str, Strides],
@@ -166,7 +174,7 @@ def batch_statistics(x: torch.Tensor, plan: Plan, strides: Dict[str, Strides],
     centre = torch.empty_like(mean)
     ticket_words, epoch = tickets(device, plan.grid[0])
     constants = _batch_stats_constants(
-        plan, _key(strides), momentum, eps, running_mean is not None,
+        plan, strides, momentum, eps, running_mean is not None,
         num_batches_tracked is not None, var is not None)
     launch("batch_stats_kernel", plan.grid, NUM_WARPS, device, constants, x_ptr=x,
            part_mean_ptr=part_mean, part_m2_ptr=part_m2, tickets_ptr=ticket_words,
@@ -176,10 +184,10 @@ def batch_statistics(x: torch.Tensor, plan: Plan, strides: Dict[str, Strides],
 
 
 @functools.lru_cache(maxsize=CACHED_LAUNCHES)
-def _batch_stats_constants(plan: Plan, strides: StridesKey, momentum: float, eps: float,
+def _batch_stats_constants(plan: Plan, strides: NamedStrides, momentum: float, eps: float,
                            update: bool, from_count: bool, write_var: bool) -> dict:
     return dict(**_running_flags(momentum, update, from_count), **plan.split_args(), M=plan.M,
-                **_float64_pair("eps", eps), **_strides(dict(strides), "x"),
+                **_float64_pair("eps", eps), **_strides(strides, "x"),
                 BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S,
                 WRITE_VAR=write_var, INT64=plan.INT64)
 
@@ -192,7 +200,7 @@ def normalize(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tensor]
               abs_weight: bool) -> None:
     """Launch normalize_kernel: y from batch statistics (centre given: mean, invstd, centre
     from batch_statistics) or from the running ones (then mean and invstd are written)."""
-    constants = _normalize_constants(plan, _key(strides), eps, centre is not None,
+    constants = _normalize_constants(plan, strides, eps, centre is not None,
                                      weight is not None, bias is not None,
                                      residual is not None, abs_weight, activation)
     launch("normalize_kernel", plan.grid, NUM_WARPS, x.device, constants, x_ptr=x, y_ptr=y,
@@ -202,11 +210,11 @@ def normalize(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tensor]
 
 
 @functools.lru_cache(maxsize=CACHED_LAUNCHES)
-def _normalize_constants(plan: Plan, strides: StridesKey, eps: float, batch_stats: bool,
+def _normalize_constants(plan: Plan, strides: NamedStrides, eps: float, batch_stats: bool,
                          has_weight: bool, has_bias: bool, has_residual: bool,
                          abs_weight: bool, activation: Activation) -> dict:
     return dict(**plan.split_args(), **_float64_pair("eps", eps),
-                **_strides(dict(strides), "x", "y", "r"), BLOCK_C=plan.BLOCK_C,
+                **_strides(strides, "x", "y", "r"), BLOCK_C=plan.BLOCK_C,
                 BLOCK_S=plan.BLOCK_S, BATCH_STATS=batch_stats, HAS_WEIGHT=has_weight,
                 HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, ABS_WEIGHT=abs_weight,
                 **_epilogue_args(activation), INT64=plan.INT64)
@@ -220,7 +228,7 @@ def forward_slab(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tens
                  activation: Activation, abs_weight: bool) -> None:
     """Launch forward_slab_kernel: the whole training forward in one pass."""
     constants = _forward_slab_constants(
-        plan, _key(strides), momentum, eps, running_mean is not None,
+        plan, strides, momentum, eps, running_mean is not None,
         num_batches_tracked is not None, weight is not None, bias is not None,
         residual is not None, abs_weight, activation)
     launch("forward_slab_kernel", plan.grid, plan.slab_num_warps, x.device, constants,
@@ -230,12 +238,12 @@ def forward_slab(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tens
 
 
 @functools.lru_cache(maxsize=CACHED_LAUNCHES)
-def _forward_slab_constants(plan: Plan, strides: StridesKey, momentum: float, eps: float,
+def _forward_slab_constants(plan: Plan, strides: NamedStrides, momentum: float, eps: float,
                             update: bool, from_count: bool, has_weight: bool, has_bias: bool,
                             has_residual: bool, abs_weight: bool,
                             activation: Activation) -> dict:
     return dict(**_running_flags(momentum, update, from_count), C=plan.C, N=plan.N, S=plan.S,
-                M=plan.M, **_float64_pair("eps", eps), **_strides(dict(strides), "x", "y", "r"),
+                M=plan.M, **_float64_pair("eps", eps), **_strides(strides, "x", "y", "r"),
                 BLOCK_C=plan.BLOCK_C, BLOCK_N=plan.BLOCK_N, BLOCK_S=plan.BLOCK_S,
                 HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual,
                 ABS_WEIGHT=abs_weight, **_epilogue_args(activation), INT64=plan.INT64)
@@ -257,7 +265,7 @@ def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strid
     mean_dy, mean_dy_xhat = torch.empty_like(mean), torch.empty_like(mean)
     ticket_words, epoch = tickets(device, plan.grid[0])
     constants = _dy_sums_constants(
-        plan, _key(strides), 1.0 / plan.M if inv_count is None else inv_count, eps,
+        plan, strides, 1.0 / plan.M if inv_count is None else inv_count, eps,
         weight is not None, bias is not None, dz_from, xhat_from_output,
         grad_residual is not None, grad_weight is not None, grad_bias is not None, activation)
     launch("dy_sums_kernel", plan.grid, NUM_WARPS, device, constants,
@@ -271,13 +279,13 @@ def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strid
 
 
 @functools.lru_cache(maxsize=CACHED_LAUNCHES)
-def _dy_sums_constants(plan: Plan, strides: StridesKey, inv_count: float, eps: float,
+def _dy_sums_constants(plan: Plan, strides: NamedStrides, inv_count: float, eps: float,
                        has_weight: bool, has_bias: bool, dz_from: str, xhat_from_output: bool,
                        write_grad_residual: bool, write_grad_weight: bool,
                        write_grad_bias: bool, activation: Activation) -> dict:
     return dict(**plan.split_args(), **_float64_pair("inv_count", inv_count),
                 **_float64_pair("eps", eps),
-                **_strides(dict(strides), "x", "y", "r", "dy", "dr"), BLOCK_C=plan.BLOCK_C,
+                **_strides(strides, "x", "y", "r", "dy", "dr"), BLOCK_C=plan.BLOCK_C,
                 BLOCK_S=plan.BLOCK_S, HAS_WEIGHT=has_weight,
                 HAS_BIAS=has_bias, DZ_FROM=dz_from, XHAT_FROM_OUTPUT=xhat_from_output,
                 WRITE_GRAD_RESIDUAL=write_grad_residual, WRITE_GRAD_WEIGHT=write_grad_weight,
@@ -293,7 +301,7 @@ def input_grad(saved: Dict[str, torch.Tensor], dx: torch.Tensor, plan: Plan,
     """Launch input_grad_kernel: dx with batch statistics (coefficients from dy_sums) or with
     constant ones (coefficients None; x is read only to recompute z)."""
     mean_dy, mean_dy_xhat = coefficients if coefficients is not None else (None, None)
-    constants = _input_grad_constants(plan, _key(strides), eps, coefficients is not None,
+    constants = _input_grad_constants(plan, strides, eps, coefficients is not None,
                                       weight is not None, bias is not None, dz_from,
                                       xhat_from_output, activation)
     launch("input_grad_kernel", plan.grid, NUM_WARPS, mean.device, constants,
@@ -303,11 +311,11 @@ def input_grad(saved: Dict[str, torch.Tensor], dx: torch.Tensor, plan: Plan,
 
 
 @functools.lru_cache(maxsize=CACHED_LAUNCHES)
-def _input_grad_constants(plan: Plan, strides: StridesKey, eps: float, batch_stats: bool,
+def _input_grad_constants(plan: Plan, strides: NamedStrides, eps: float, batch_stats: bool,
                           has_weight: bool, has_bias: bool, dz_from: str,
                           xhat_from_output: bool, activation: Activation) -> dict:
     return dict(**_float64_pair("eps", eps), **plan.split_args(),
-                **_strides(dict(strides), "x", "y", "r", "dy", "dx"), BLOCK_C=plan.BLOCK_C,
+                **_strides(strides, "x", "y", "r", "dy", "dx"), BLOCK_C=plan.BLOCK_C,
                 BLOCK_S=plan.BLOCK_S, BATCH_STATS=batch_stats, HAS_WEIGHT=has_weight,
                 HAS_BIAS=has_bias, DZ_FROM=dz_from, XHAT_FROM_OUTPUT=xhat_from_output,
                 **_epilogue_args(activation), INT64=plan.INT64)
@@ -322,7 +330,7 @@ def backward_slab(saved: Dict[str, torch.Tensor], dx: Optional[torch.Tensor], pl
                   xhat_from_output: bool) -> None:
     """Launch backward_slab_kernel: dγ, dβ, d(residual) and dx (those given) in one pass."""
     constants = _backward_slab_constants(
-        plan, _key(strides), eps, batch_stats, weight is not None, bias is not None, dz_from,
+        plan, strides, eps, batch_stats, weight is not None, bias is not None, dz_from,
         xhat_from_output, grad_weight is not None, grad_bias is not None, dx is not None,
         grad_residual is not None, activation)
     launch("backward_slab_kernel", plan.grid, plan.slab_num_warps, mean.device, constants,
@@ -333,12 +341,12 @@ def backward_slab(saved: Dict[str, torch.Tensor], dx: Optional[torch.Tensor], pl
 
 
 @functools.lru_cache(maxsize=CACHED_LAUNCHES)
-def _backward_slab_constants(plan: Plan, strides: StridesKey, eps: float, batch_stats: bool,
+def _backward_slab_constants(plan: Plan, strides: NamedStrides, eps: float, batch_stats: bool,
                              has_weight: bool, has_bias: bool, dz_from: str,
                              xhat_from_output: bool, write_grad_weight: bool,
                              write_grad_bias: bool, write_grad_input: bool,
                              write_grad_residual: bool, activation: Activation) -> dict:
-    named = dict(strides)
+    named = strides
     return dict(C=plan.C, N=plan.N, S=plan.S, M=plan.M, **_float64_pair("eps", eps),
                 **_strides(named, "x", "y", "r", "dy", "dx", "dr"), BLOCK_C=plan.BLOCK_C,
                 BLOCK_N=plan.BLOCK_N, BLOCK_S=plan.BLOCK_S, BATCH_STATS=batch_stats,
@@ -361,7 +369,7 @@ def _plan(shape: Sequence[int], tensors: Dict[str, torch.Tensor], device: torch.
     if planned is None:
         plan = make_plan(shape, [ncs_strides(t) for t in tensors.values()], device,
                          element_size, max_slab, max_tile)
-        planned = plan, dict(zip(tensors, plan.strides))
+        planned = plan, NamedStrides(zip(tensors, plan.strides))
         if len(_PLANS) >= CACHED_LAUNCHES:
             _PLANS.clear()
         _PLANS[key] = planned
@@ -547,7 +555,7 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
             coefficients = reduce(*coefficients)
         if writes_dz and want_dx:
             saved = {"x": saved["x"], "dy": dz}
-            strides = dict(strides, dy=strides["dr"])
+            strides = NamedStrides(strides, dy=strides["dr"])
             flags.update(activation=IDENTITY, dz_from="dy")
     if want_dx:
         input_grad(saved, dx, plan, strides, weight, bias, mean, invstd,

@@ -491,8 +491,7 @@ def _launch_forward(input, weight, bias, running_mean, running_var, num_batches_
                                        num_batches_tracked, training, momentum, eps, residual,
                                        activation, memory_efficient)
     if training and running_mean is not None:
-        torch.autograd.graph.increment_version(running_mean)
-        torch.autograd.graph.increment_version(running_var)
+        torch.autograd.graph.increment_version((running_mean, running_var))
     return result
 
 

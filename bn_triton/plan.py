@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -203,6 +203,13 @@ class Plan:
     num_splits: int = 1
     # Values every tile row starts at a multiple of, and S is one of (see vector_width).
     VECTOR: int = 1
+
+    def __hash__(self) -> int:  # a key of every launch's constants cache: hashed once
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(tuple(getattr(self, field.name) for field in fields(self)))
 
     @property
     def M(self) -> int:
