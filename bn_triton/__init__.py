@@ -6,11 +6,15 @@ from .functional import batch_norm
 from .convert import convert_batchnorm, fuse_batchnorm_activations
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
                       BatchNormAct3d)
+from .renorm import (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormAct1d,
+                     BatchRenormAct2d, BatchRenormAct3d, SyncBatchRenorm)
 from .switch import disable, enable, enabled, is_enabled
 from .sync import SyncBatchNorm, SyncBatchNormAct
 
 __all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d",
            "BatchNormAct2d", "BatchNormAct3d", "SyncBatchNorm", "SyncBatchNormAct",
+           "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormAct1d",
+           "BatchRenormAct2d", "BatchRenormAct3d", "SyncBatchRenorm",
            "convert_batchnorm", "fuse_batchnorm_activations",
            "enable", "disable", "enabled", "is_enabled", "backend", "reference"]
 __version__ = "0.1.0"

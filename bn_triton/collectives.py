@@ -58,13 +58,16 @@ def merge_block_c(C: int) -> int:
 
 def merge_statistics(gathered: torch.Tensor, acc_dtype: torch.dtype,
                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                     num_batches_tracked: Optional[torch.Tensor], momentum: float
+                     num_batches_tracked: Optional[torch.Tensor], momentum: float,
+                     renorm: Optional[launch.Renorm] = None, eps: float = 0.0
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, biased var, total count) over every rank, and the running statistics updated
     in place as torch's SyncBatchNorm keeps them (when given; factor momentum, or
     1/num_batches_tracked read on the device when that is given): merge_statistics_kernel,
     one launch (see the module docstring for the formula). mean and var come in acc_dtype,
-    the count as a 0-d float64 tensor: nothing is read on the host."""
+    the count as a 0-d float64 tensor: nothing is read on the host. renorm (SyncBatchRenorm):
+    Batch Renormalization's r and d of the merged statistics written to renorm.factors, from
+    the running statistics before the update (eps the layer's)."""
     C = gathered.shape[2]
     mean = torch.empty(C, dtype=acc_dtype, device=gathered.device)
     var = torch.empty_like(mean)
@@ -81,12 +84,14 @@ def merge_statistics(gathered: torch.Tensor, acc_dtype: torch.dtype,
             gathered.device, dict(
                 C=C, world=gathered.shape[0], **_float64_pair("momentum", momentum),
                 stride_gw=stride_gw, stride_gs=stride_gs, stride_gc=stride_gc, BLOCK_C=block_c,
-                UPDATE_RUNNING=update,
+                **_float64_pair("eps", eps), UPDATE_RUNNING=update,
                 MOMENTUM_FROM_COUNT=update and num_batches_tracked is not None,
-                enable_fp_fusion=False),
+                RENORM=renorm is not None, enable_fp_fusion=False),
             gathered_ptr=gathered, mean_ptr=mean, var_ptr=var, count_ptr=count,
             running_mean_ptr=running_mean, running_var_ptr=running_var,
-            num_batches_tracked_ptr=num_batches_tracked if update else None)
+            num_batches_tracked_ptr=num_batches_tracked if update else None,
+            renorm_ptr=None if renorm is None else renorm.factors,
+            renorm_limits_ptr=None if renorm is None else renorm.limits)
     return mean, var, count
 
 
@@ -102,20 +107,21 @@ def forward(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
             running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
             num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
             group_name: str, residual: Optional[torch.Tensor], activation: Activation,
-            memory_efficient: bool
+            memory_efficient: bool, renorm: Optional[launch.Renorm] = None
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(output, mean, invstd, total count) of a training batch norm whose statistics span the
     group: this rank's statistics (one launch), one all_gather, the combination, the running
     statistics as torch's SyncBatchNorm keeps them (unbiased over the total count; factor
     momentum or 1/num_batches_tracked, on the device), then the normalize launch with the
-    epilogue. An empty input takes part in the collective with a count of 0."""
+    epilogue. An empty input takes part in the collective with a count of 0. renorm
+    (SyncBatchRenorm): r and d from the merged statistics, which normalize with them."""
     gathered = gather_statistics(launch.local_statistics(input), group_name)
     mean, var, count = merge_statistics(gathered, accumulation_dtype(input.dtype), running_mean,
-                                        running_var, num_batches_tracked, momentum)
+                                        running_var, num_batches_tracked, momentum, renorm, eps)
     # The normalize kernel with the merged statistics in place of the running ones.
     output, mean, invstd = launch.batch_norm_forward(
         input, weight, bias, mean, var, None, False, 0.0, eps, residual, activation,
-        memory_efficient)
+        memory_efficient, renorm)
     return output, mean, invstd, count
 
 
@@ -124,9 +130,11 @@ def backward(grad_output: torch.Tensor, input: Optional[torch.Tensor],
              weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], mean: torch.Tensor,
              invstd: torch.Tensor, count: torch.Tensor, output_mask, bias_dtype,
              group_name: str, has_residual: bool, activation: Activation,
-             memory_efficient: bool, eps: float) -> Tuple[Optional[torch.Tensor], ...]:
+             memory_efficient: bool, eps: float, renorm: Optional[torch.Tensor] = None
+             ) -> Tuple[Optional[torch.Tensor], ...]:
     """The backward of `forward`: this rank's sums, one all_reduce when dx is asked for, dx
-    with the coefficients over the total count; dγ, dβ and d(residual) stay this rank's."""
+    with the coefficients over the total count; dγ, dβ and d(residual) stay this rank's.
+    renorm: the forward's r and d (SyncBatchRenorm)."""
     def reduce(sum_dy: torch.Tensor, sum_dy_xhat: torch.Tensor):
         sum_dy, sum_dy_xhat = all_reduce_sums(sum_dy, sum_dy_xhat, group_name)
         inverse = (1.0 / count).to(sum_dy.dtype)
@@ -134,4 +142,4 @@ def backward(grad_output: torch.Tensor, input: Optional[torch.Tensor],
 
     return launch.batch_norm_backward(grad_output, input, output, residual, weight, bias, mean,
                                       invstd, True, output_mask, bias_dtype, has_residual,
-                                      activation, memory_efficient, eps, reduce)
+                                      activation, memory_efficient, eps, reduce, renorm)

@@ -9,7 +9,7 @@ from . import library
 from .dispatch import TORCH, backend
 from .epilogue import (IDENTITY, Activation, check_memory_efficient, parse_activation,
                        torch_activation)
-from .plan import kernel_ready
+from .plan import accumulation_dtype, kernel_ready
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -84,6 +84,43 @@ def composed_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor
     return torch_activation(activation)(output)
 
 
+def composed_batch_renorm(input: torch.Tensor, running_mean: torch.Tensor,
+                          running_var: torch.Tensor, weight: Optional[torch.Tensor],
+                          bias: Optional[torch.Tensor], momentum: float, eps: float,
+                          renorm_limits: torch.Tensor,
+                          residual: Optional[torch.Tensor] = None,
+                          activation: Activation = IDENTITY) -> torch.Tensor:
+    """Batch Renormalization's training forward (arXiv:1702.03275, Algorithm 1) in torch's
+    ops, where no kernel serves it (a CPU tensor without the interpreter, torch.func's
+    transforms): μ_B, σ²_B (biased) of the batch; r = clip(σ_B/σ, 1/r_max, r_max) and
+    d = clip((μ_B - running_mean)/σ, -d_max, d_max) without gradient, σ from the running
+    variance before this batch; act(γ·(x̂·r + d) + β + residual); then torch's running update
+    (unbiased variance). In the accumulation dtype, cast once to the input's."""
+    dtype = accumulation_dtype(input.dtype)
+    dims = [0, *range(2, input.dim())]
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    x = input.to(dtype)
+    var, mean = torch.var_mean(x, dims, correction=0)
+    with torch.no_grad():
+        r_max, d_max = renorm_limits.to(dtype).unbind()
+        std = torch.sqrt(running_var.to(dtype) + eps)
+        r = torch.clamp(torch.sqrt(var + eps) / std, 1.0 / r_max, r_max)
+        d = torch.clamp((mean - running_mean.to(dtype)) / std, -d_max, d_max)
+        count = x.numel() // x.size(1)
+        running_mean.copy_((1 - momentum) * running_mean + momentum * mean)
+        running_var.copy_((1 - momentum) * running_var + momentum * var * count / (count - 1))
+    z = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
+    z = z * r.reshape(shape) + d.reshape(shape)
+    if weight is not None:
+        z = z * weight.to(dtype).reshape(shape)
+    if bias is not None:
+        z = z + bias.to(dtype).reshape(shape)
+    z = z.to(input.dtype)
+    if residual is not None:
+        z = z + residual
+    return torch_activation(activation)(z)
+
+
 def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                           running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                           bias: Optional[torch.Tensor], training: bool, eps: float,
@@ -151,11 +188,14 @@ def apply_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                      residual: Optional[torch.Tensor] = None,
                      activation: Optional[Activation] = None,
                      memory_efficient: bool = False,
-                     group_name: Optional[str] = None) -> torch.Tensor:
+                     group_name: Optional[str] = None,
+                     renorm_limits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Batch norm (and its epilogue) of checked arguments through bn_triton's ops. With
     num_batches_tracked given, the running-average factor is 1/num_batches_tracked, read on
     the device (the modules' momentum=None). With group_name (SyncBatchNorm, training), the
-    statistics span the ranks of that process group, an empty input included."""
+    statistics span the ranks of that process group, an empty input included. With
+    renorm_limits (training): Batch Renormalization (library.batch_norm), composed of torch's
+    ops under torch.func's transforms and forward-mode AD."""
     if input.numel() == 0 and group_name is None:
         # torch returns an empty input's output (a clone, scaled by γ and shifted by β) before
         # any kernel runs, and leaves the running statistics alone: take exactly that route.
@@ -166,8 +206,15 @@ def apply_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
     # becomes contiguous here, once, so that forward and backward read the same copy. A
     # tensor under torch.func cannot be asked its memory format (vmap: "NYI"): the ops' vmap
     # rules fold it into a plain tensor, and the launches make that kernel-ready.
+    transformed = (torch._C._are_functorch_transforms_active()
+                   or torch.autograd.forward_ad._current_level >= 0)
+    if renorm_limits is not None and training and transformed:
+        if num_batches_tracked is not None:
+            momentum = 1.0 / float(num_batches_tracked)
+        return composed_batch_renorm(input, running_mean, running_var, weight, bias, momentum,
+                                     eps, renorm_limits, residual, activation or IDENTITY)
     if not torch._C._are_functorch_transforms_active():
         input = kernel_ready(input)
     return library.batch_norm(input, weight, bias, running_mean, running_var,
                               num_batches_tracked, training, momentum, eps, residual,
-                              activation, memory_efficient, group_name)
+                              activation, memory_efficient, group_name, renorm_limits)

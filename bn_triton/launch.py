@@ -11,7 +11,7 @@ import contextlib
 import functools
 import struct
 import threading
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -141,6 +141,19 @@ def _running_flags(momentum: float, update: bool, from_count: bool) -> dict:
                 MOMENTUM_FROM_COUNT=update and from_count)
 
 
+class Renorm(NamedTuple):
+    """Batch Renormalization in a training forward: the (2, C) buffer the kernels write r and
+    d to (accumulation dtype; the backward reads it) and the (2,) tensor of (r_max, d_max),
+    read on the device."""
+    factors: torch.Tensor
+    limits: torch.Tensor
+
+
+def _renorm_ptrs(renorm: Optional[Renorm]) -> dict:
+    return dict(renorm_ptr=None if renorm is None else renorm.factors,
+                renorm_limits_ptr=None if renorm is None else renorm.limits)
+
+
 def _running_ptrs(running_mean, running_var, num_batches_tracked) -> dict:
     """The running update's tensors: num_batches_tracked only where it gives the factor."""
     from_count = running_mean is not None and num_batches_tracked is not None
@@ -166,30 +179,34 @@ def batch_statistics(x: torch.Tensor, plan: Plan, strides: Dict[str, Strides],
                      mean: torch.Tensor, invstd: torch.Tensor,
                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                      num_batches_tracked: Optional[torch.Tensor], momentum: float,
-                     eps: float, var: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Launch batch_stats_kernel: writes mean, invstd (the biased var too, if given, and the
-    running statistics, if given); returns centre = mean - x[0, c, 0] for normalize_kernel."""
+                     eps: float, var: Optional[torch.Tensor] = None,
+                     renorm: Optional[Renorm] = None) -> torch.Tensor:
+    """Launch batch_stats_kernel: writes mean, invstd (the biased var too, if given, the
+    running statistics, if given, and Batch Renormalization's r and d, if asked); returns
+    centre = mean - x[0, c, 0] for normalize_kernel."""
     device = x.device
     part_mean, part_m2 = split_partials(device, plan.C, plan.num_splits, mean.dtype)
     centre = torch.empty_like(mean)
     ticket_words, epoch = tickets(device, plan.grid[0])
     constants = _batch_stats_constants(
         plan, strides, momentum, eps, running_mean is not None,
-        num_batches_tracked is not None, var is not None)
+        num_batches_tracked is not None, var is not None, renorm is not None)
     launch("batch_stats_kernel", plan.grid, NUM_WARPS, device, constants, x_ptr=x,
            part_mean_ptr=part_mean, part_m2_ptr=part_m2, tickets_ptr=ticket_words,
            epoch=epoch, mean_ptr=mean, invstd_ptr=invstd, centre_ptr=centre, var_ptr=var,
-           **_running_ptrs(running_mean, running_var, num_batches_tracked))
+           **_running_ptrs(running_mean, running_var, num_batches_tracked),
+           **_renorm_ptrs(renorm))
     return centre
 
 
 @functools.lru_cache(maxsize=CACHED_LAUNCHES)
 def _batch_stats_constants(plan: Plan, strides: NamedStrides, momentum: float, eps: float,
-                           update: bool, from_count: bool, write_var: bool) -> dict:
+                           update: bool, from_count: bool, write_var: bool,
+                           renorm: bool) -> dict:
     return dict(**_running_flags(momentum, update, from_count), **plan.split_args(), M=plan.M,
                 **_float64_pair("eps", eps), **_strides(strides, "x"),
                 BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S,
-                WRITE_VAR=write_var, INT64=plan.INT64)
+                WRITE_VAR=write_var, RENORM=renorm, INT64=plan.INT64)
 
 
 def normalize(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tensor], plan: Plan,
@@ -197,27 +214,29 @@ def normalize(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tensor]
               bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
               centre: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
               running_var: Optional[torch.Tensor], eps: float, activation: Activation,
-              abs_weight: bool) -> None:
+              abs_weight: bool, renorm: Optional[torch.Tensor] = None) -> None:
     """Launch normalize_kernel: y from batch statistics (centre given: mean, invstd, centre
-    from batch_statistics) or from the running ones (then mean and invstd are written)."""
+    from batch_statistics) or from the running ones (then mean and invstd are written);
+    renorm: the r and d of batch_statistics (Batch Renormalization)."""
     constants = _normalize_constants(plan, strides, eps, centre is not None,
                                      weight is not None, bias is not None,
-                                     residual is not None, abs_weight, activation)
+                                     residual is not None, abs_weight, activation,
+                                     renorm is not None)
     launch("normalize_kernel", plan.grid, NUM_WARPS, x.device, constants, x_ptr=x, y_ptr=y,
            residual_ptr=residual, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
            invstd_ptr=invstd, centre_ptr=centre, running_mean_ptr=running_mean,
-           running_var_ptr=running_var)
+           running_var_ptr=running_var, renorm_ptr=renorm)
 
 
 @functools.lru_cache(maxsize=CACHED_LAUNCHES)
 def _normalize_constants(plan: Plan, strides: NamedStrides, eps: float, batch_stats: bool,
                          has_weight: bool, has_bias: bool, has_residual: bool,
-                         abs_weight: bool, activation: Activation) -> dict:
+                         abs_weight: bool, activation: Activation, renorm: bool) -> dict:
     return dict(**plan.split_args(), **_float64_pair("eps", eps),
                 **_strides(strides, "x", "y", "r"), BLOCK_C=plan.BLOCK_C,
                 BLOCK_S=plan.BLOCK_S, BATCH_STATS=batch_stats, HAS_WEIGHT=has_weight,
                 HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, ABS_WEIGHT=abs_weight,
-                **_epilogue_args(activation), INT64=plan.INT64)
+                **_epilogue_args(activation), RENORM=renorm, INT64=plan.INT64)
 
 
 def forward_slab(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tensor],
@@ -225,28 +244,32 @@ def forward_slab(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tens
                  bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
                  running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                  num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
-                 activation: Activation, abs_weight: bool) -> None:
-    """Launch forward_slab_kernel: the whole training forward in one pass."""
+                 activation: Activation, abs_weight: bool,
+                 renorm: Optional[Renorm] = None) -> None:
+    """Launch forward_slab_kernel: the whole training forward in one pass (Batch
+    Renormalization's too, renorm given)."""
     constants = _forward_slab_constants(
         plan, strides, momentum, eps, running_mean is not None,
         num_batches_tracked is not None, weight is not None, bias is not None,
-        residual is not None, abs_weight, activation)
+        residual is not None, abs_weight, activation, renorm is not None)
     launch("forward_slab_kernel", plan.grid, plan.slab_num_warps, x.device, constants,
            x_ptr=x, y_ptr=y, residual_ptr=residual, weight_ptr=weight, bias_ptr=bias,
            mean_ptr=mean, invstd_ptr=invstd,
-           **_running_ptrs(running_mean, running_var, num_batches_tracked))
+           **_running_ptrs(running_mean, running_var, num_batches_tracked),
+           **_renorm_ptrs(renorm))
 
 
 @functools.lru_cache(maxsize=CACHED_LAUNCHES)
 def _forward_slab_constants(plan: Plan, strides: NamedStrides, momentum: float, eps: float,
                             update: bool, from_count: bool, has_weight: bool, has_bias: bool,
                             has_residual: bool, abs_weight: bool,
-                            activation: Activation) -> dict:
+                            activation: Activation, renorm: bool) -> dict:
     return dict(**_running_flags(momentum, update, from_count), C=plan.C, N=plan.N, S=plan.S,
                 M=plan.M, **_float64_pair("eps", eps), **_strides(strides, "x", "y", "r"),
                 BLOCK_C=plan.BLOCK_C, BLOCK_N=plan.BLOCK_N, BLOCK_S=plan.BLOCK_S,
                 HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual,
-                ABS_WEIGHT=abs_weight, **_epilogue_args(activation), INT64=plan.INT64)
+                ABS_WEIGHT=abs_weight, **_epilogue_args(activation), RENORM=renorm,
+                INT64=plan.INT64)
 
 
 def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strides],
@@ -254,11 +277,13 @@ def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strid
             invstd: torch.Tensor, grad_weight: Optional[torch.Tensor],
             grad_bias: Optional[torch.Tensor], grad_residual: Optional[torch.Tensor],
             eps: float, activation: Activation, dz_from: str, xhat_from_output: bool,
-            inv_count: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+            renorm: Optional[torch.Tensor] = None, inv_count: Optional[float] = None
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch dy_sums_kernel: writes grad_weight / grad_bias / grad_residual (those given);
     returns the dx coefficients mean_dy, mean_dy_xhat (C,): the sums times inv_count (1/M
     when None; 1.0 gives the raw sums). `saved` holds dy and what the forward kept: x, y (the
-    output) and r (the residual), by name."""
+    output) and r (the residual), by name; renorm: Batch Renormalization's (2, C) r and d
+    from the forward."""
     device = mean.device
     part_sum_dy, part_sum_dy_xmu = split_partials(device, plan.C, plan.num_splits,
                                                   mean.dtype)
@@ -267,11 +292,13 @@ def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strid
     constants = _dy_sums_constants(
         plan, strides, 1.0 / plan.M if inv_count is None else inv_count, eps,
         weight is not None, bias is not None, dz_from, xhat_from_output,
-        grad_residual is not None, grad_weight is not None, grad_bias is not None, activation)
+        grad_residual is not None, grad_weight is not None, grad_bias is not None, activation,
+        renorm is not None)
     launch("dy_sums_kernel", plan.grid, NUM_WARPS, device, constants,
            x_ptr=saved.get("x"), y_ptr=saved.get("y"), residual_ptr=saved.get("r"),
            dy_ptr=saved["dy"], grad_residual_ptr=grad_residual, weight_ptr=weight,
-           bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, part_sum_dy_ptr=part_sum_dy,
+           bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, renorm_ptr=renorm,
+           part_sum_dy_ptr=part_sum_dy,
            part_sum_dy_xmu_ptr=part_sum_dy_xmu, tickets_ptr=ticket_words, epoch=epoch,
            mean_dy_ptr=mean_dy, mean_dy_xhat_ptr=mean_dy_xhat, grad_weight_ptr=grad_weight,
            grad_bias_ptr=grad_bias)
@@ -282,7 +309,7 @@ def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strid
 def _dy_sums_constants(plan: Plan, strides: NamedStrides, inv_count: float, eps: float,
                        has_weight: bool, has_bias: bool, dz_from: str, xhat_from_output: bool,
                        write_grad_residual: bool, write_grad_weight: bool,
-                       write_grad_bias: bool, activation: Activation) -> dict:
+                       write_grad_bias: bool, activation: Activation, renorm: bool) -> dict:
     return dict(**plan.split_args(), **_float64_pair("inv_count", inv_count),
                 **_float64_pair("eps", eps),
                 **_strides(strides, "x", "y", "r", "dy", "dr"), BLOCK_C=plan.BLOCK_C,
@@ -290,35 +317,38 @@ def _dy_sums_constants(plan: Plan, strides: NamedStrides, inv_count: float, eps:
                 HAS_BIAS=has_bias, DZ_FROM=dz_from, XHAT_FROM_OUTPUT=xhat_from_output,
                 WRITE_GRAD_RESIDUAL=write_grad_residual, WRITE_GRAD_WEIGHT=write_grad_weight,
                 WRITE_GRAD_BIAS=write_grad_bias, **_epilogue_args(activation),
-                INT64=plan.INT64)
+                RENORM=renorm, INT64=plan.INT64)
 
 
 def input_grad(saved: Dict[str, torch.Tensor], dx: torch.Tensor, plan: Plan,
                strides: Dict[str, Strides], weight: Optional[torch.Tensor],
                bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
                coefficients: Optional[Tuple[torch.Tensor, torch.Tensor]], eps: float,
-               activation: Activation, dz_from: str, xhat_from_output: bool) -> None:
+               activation: Activation, dz_from: str, xhat_from_output: bool,
+               renorm: Optional[torch.Tensor] = None) -> None:
     """Launch input_grad_kernel: dx with batch statistics (coefficients from dy_sums) or with
-    constant ones (coefficients None; x is read only to recompute z)."""
+    constant ones (coefficients None; x is read only to recompute z); renorm as dy_sums."""
     mean_dy, mean_dy_xhat = coefficients if coefficients is not None else (None, None)
     constants = _input_grad_constants(plan, strides, eps, coefficients is not None,
                                       weight is not None, bias is not None, dz_from,
-                                      xhat_from_output, activation)
+                                      xhat_from_output, activation, renorm is not None)
     launch("input_grad_kernel", plan.grid, NUM_WARPS, mean.device, constants,
            x_ptr=saved.get("x"), y_ptr=saved.get("y"), residual_ptr=saved.get("r"),
            dy_ptr=saved["dy"], dx_ptr=dx, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
-           invstd_ptr=invstd, mean_dy_ptr=mean_dy, mean_dy_xhat_ptr=mean_dy_xhat)
+           invstd_ptr=invstd, renorm_ptr=renorm, mean_dy_ptr=mean_dy,
+           mean_dy_xhat_ptr=mean_dy_xhat)
 
 
 @functools.lru_cache(maxsize=CACHED_LAUNCHES)
 def _input_grad_constants(plan: Plan, strides: NamedStrides, eps: float, batch_stats: bool,
                           has_weight: bool, has_bias: bool, dz_from: str,
-                          xhat_from_output: bool, activation: Activation) -> dict:
+                          xhat_from_output: bool, activation: Activation,
+                          renorm: bool) -> dict:
     return dict(**_float64_pair("eps", eps), **plan.split_args(),
                 **_strides(strides, "x", "y", "r", "dy", "dx"), BLOCK_C=plan.BLOCK_C,
                 BLOCK_S=plan.BLOCK_S, BATCH_STATS=batch_stats, HAS_WEIGHT=has_weight,
                 HAS_BIAS=has_bias, DZ_FROM=dz_from, XHAT_FROM_OUTPUT=xhat_from_output,
-                **_epilogue_args(activation), INT64=plan.INT64)
+                **_epilogue_args(activation), RENORM=renorm, INT64=plan.INT64)
 
 
 def backward_slab(saved: Dict[str, torch.Tensor], dx: Optional[torch.Tensor], plan: Plan,
@@ -327,16 +357,18 @@ def backward_slab(saved: Dict[str, torch.Tensor], dx: Optional[torch.Tensor], pl
                   batch_stats: bool, grad_weight: Optional[torch.Tensor],
                   grad_bias: Optional[torch.Tensor], grad_residual: Optional[torch.Tensor],
                   eps: float, activation: Activation, dz_from: str,
-                  xhat_from_output: bool) -> None:
-    """Launch backward_slab_kernel: dγ, dβ, d(residual) and dx (those given) in one pass."""
+                  xhat_from_output: bool, renorm: Optional[torch.Tensor] = None) -> None:
+    """Launch backward_slab_kernel: dγ, dβ, d(residual) and dx (those given) in one pass;
+    renorm as dy_sums."""
     constants = _backward_slab_constants(
         plan, strides, eps, batch_stats, weight is not None, bias is not None, dz_from,
         xhat_from_output, grad_weight is not None, grad_bias is not None, dx is not None,
-        grad_residual is not None, activation)
+        grad_residual is not None, activation, renorm is not None)
     launch("backward_slab_kernel", plan.grid, plan.slab_num_warps, mean.device, constants,
            x_ptr=saved.get("x"), y_ptr=saved.get("y"), residual_ptr=saved.get("r"),
            dy_ptr=saved["dy"], dx_ptr=dx, grad_residual_ptr=grad_residual, weight_ptr=weight,
-           bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, grad_weight_ptr=grad_weight,
+           bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, renorm_ptr=renorm,
+           grad_weight_ptr=grad_weight,
            grad_bias_ptr=grad_bias)
 
 
@@ -345,7 +377,8 @@ def _backward_slab_constants(plan: Plan, strides: NamedStrides, eps: float, batc
                              has_weight: bool, has_bias: bool, dz_from: str,
                              xhat_from_output: bool, write_grad_weight: bool,
                              write_grad_bias: bool, write_grad_input: bool,
-                             write_grad_residual: bool, activation: Activation) -> dict:
+                             write_grad_residual: bool, activation: Activation,
+                             renorm: bool) -> dict:
     named = strides
     return dict(C=plan.C, N=plan.N, S=plan.S, M=plan.M, **_float64_pair("eps", eps),
                 **_strides(named, "x", "y", "r", "dy", "dx", "dr"), BLOCK_C=plan.BLOCK_C,
@@ -354,7 +387,7 @@ def _backward_slab_constants(plan: Plan, strides: NamedStrides, eps: float, batc
                 XHAT_FROM_OUTPUT=xhat_from_output, WRITE_GRAD_WEIGHT=write_grad_weight,
                 WRITE_GRAD_BIAS=write_grad_bias, WRITE_GRAD_INPUT=write_grad_input,
                 WRITE_GRAD_RESIDUAL=write_grad_residual, **_epilogue_args(activation),
-                INT64=plan.INT64, X_LIKE_DY="x" in named and named["x"] == named["dy"])
+                RENORM=renorm, INT64=plan.INT64, X_LIKE_DY="x" in named and named["x"] == named["dy"])
 
 
 def _plan(shape: Sequence[int], tensors: Dict[str, torch.Tensor], device: torch.device,
@@ -381,16 +414,20 @@ def batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
                        running_var: Optional[torch.Tensor],
                        num_batches_tracked: Optional[torch.Tensor], training: bool,
                        momentum: float, eps: float, residual: Optional[torch.Tensor] = None,
-                       activation: Activation = IDENTITY, memory_efficient: bool = False
+                       activation: Activation = IDENTITY, memory_efficient: bool = False,
+                       renorm: Optional[Renorm] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = act(BN(x) + residual), mean, invstd of checked arguments
-    (bn_triton::batch_norm_forward).
+    (bn_triton::batch_norm_forward; bn_triton::batch_renorm_forward with renorm).
 
     Training: batch statistics, one slab launch when whole channels fit in registers, else
     statistics then normalize (two); the running statistics (when given) are updated in place
     with factor `momentum`, or 1/num_batches_tracked read on the device when that is given.
     Eval: the running statistics, one launch. Empty input launches nothing. memory_efficient
-    scales by |γ| + eps (see epilogue.py)."""
+    scales by |γ| + eps (see epilogue.py). renorm (training, with running statistics): Batch
+    Renormalization, y = act(γ·(x̂·r + d) + β + residual), r and d written to renorm.factors
+    from the running statistics before the update; the same launches. In eval, renorm's
+    factors are given (SyncBatchRenorm: the merged statistics and their r and d normalize)."""
     x = kernel_ready(input)
     y = empty_output(input)
     device = x.device
@@ -407,6 +444,8 @@ def batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
     if residual is not None:
         tensors["r"] = kernel_ready(residual)
     epilogue = dict(activation=activation, abs_weight=memory_efficient)
+    if renorm is not None:
+        epilogue["renorm"] = renorm
     if _strided(running_mean) or _strided(running_var):
         with _written_in_place(running_mean) as running_mean, \
                 _written_in_place(running_var) as running_var:
@@ -422,10 +461,12 @@ def batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
 def _forward_launches(x, y, tensors, weight, bias, mean, invstd, running_mean, running_var,
                       num_batches_tracked, training, momentum, eps, epilogue) -> None:
     """batch_norm_forward's launches, on running statistics the kernels can index."""
+    renorm = epilogue.pop("renorm", None)
     if not training:
         plan, strides = _plan(x.shape, tensors, x.device, x.element_size(), None)
         normalize(x, y, tensors.get("r"), plan, strides, weight, bias, mean, invstd, None,
-                  running_mean, running_var, eps, **epilogue)
+                  running_mean, running_var, eps, **epilogue,
+                  renorm=None if renorm is None else renorm.factors)
         return
     # A residual is a second slab-sized tensor in registers: half the slab (a full one
     # spills 68 bytes on sm_80/sm_90; the backward's third tensor fits, see below).
@@ -434,12 +475,13 @@ def _forward_launches(x, y, tensors, weight, bias, mean, invstd, running_mean, r
     if plan.slab:
         forward_slab(x, y, tensors.get("r"), plan, strides, weight, bias, mean, invstd,
                      running_mean, running_var, num_batches_tracked, momentum, eps,
-                     **epilogue)
+                     **epilogue, renorm=renorm)
     else:
         centre = batch_statistics(x, plan, strides, mean, invstd, running_mean, running_var,
-                                  num_batches_tracked, momentum, eps)
+                                  num_batches_tracked, momentum, eps, renorm=renorm)
         normalize(x, y, tensors.get("r"), plan, strides, weight, bias, mean, invstd, centre,
-                  None, None, eps, **epilogue)
+                  None, None, eps, **epilogue,
+                  renorm=None if renorm is None else renorm.factors)
 
 
 def local_statistics(input: torch.Tensor) -> torch.Tensor:
@@ -468,7 +510,8 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
                         has_residual: bool = False, activation: Activation = IDENTITY,
                         memory_efficient: bool = False, eps: float = 0.0,
                         reduce: Optional[Callable[[torch.Tensor, torch.Tensor],
-                                                  Tuple[torch.Tensor, torch.Tensor]]] = None
+                                                  Tuple[torch.Tensor, torch.Tensor]]] = None,
+                        renorm: Optional[torch.Tensor] = None
                         ) -> Tuple[Optional[torch.Tensor], ...]:
     """(dx, dγ, dβ, d(residual)) of checked arguments (bn_triton::batch_norm_backward), each
     only where output_mask asks, else None; dγ and dβ in the dtypes of weight and bias_dtype.
@@ -484,7 +527,10 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
     reduce (SyncBatchNorm): given, dx's batch statistics span other ranks. The sums pass
     always runs on its own: reduce takes this rank's raw (Σdz, Σdz·x̂) and returns the
     coefficients (mean_dy, mean_dy_xhat) over every rank; dγ and dβ stay this rank's. An
-    empty input still calls it (the other ranks wait on its collective)."""
+    empty input still calls it (the other ranks wait on its collective).
+
+    renorm (a training forward's Batch Renormalization): the (2, C) r and d it saved; dx
+    carries γ·r and dγ = r·Σdz·x̂ + d·Σdz (kernels/backward.py), in the same launches."""
     want_dx, want_dw, want_db, want_dr = output_mask
     dz_from = dz_source(activation, has_residual, memory_efficient)
     reference = output if memory_efficient else input
@@ -535,7 +581,7 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
     plan, strides = _plan(reference.shape, tensors, device, reference.element_size(),
                           budget if need_sums and not synced else None, max_tile)
     flags = dict(eps=eps, activation=activation, dz_from=dz_from,
-                 xhat_from_output=memory_efficient)
+                 xhat_from_output=memory_efficient, renorm=renorm if training else None)
     if plan.slab:
         backward_slab(saved, dx, plan, strides, weight, bias, mean, invstd, training,
                       grad_weight, grad_bias, grad_residual, **flags)

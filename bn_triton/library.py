@@ -7,6 +7,11 @@
                                    output_mask[3], bias_dtype?)
         -> (grad_input, grad_weight, grad_bias)
 
+(the schemas in full, with the epilogue's arguments, are the functions below), their
+SyncBatchNorm forms sync_batch_norm_forward/backward, and Batch Renormalization's
+batch_renorm_forward/backward and sync_batch_renorm_forward/backward, which add the (2,)
+renorm_limits (r_max, d_max) and return and take the (2, C) r and d.
+
 These are what Dynamo, AOTAutograd, torch.export and the ATen switch (switch.py) see: Python
 launch code and Triton's interpreter run inside the ops' kernels, never under a tracer. The ops
 take arguments already checked against torch's rules (functional.py); below them everything is
@@ -43,6 +48,9 @@ from .plan import accumulation_dtype, empty_output
 DOUBLE_BACKWARD_SYNC = (
     "bn_triton's SyncBatchNorm does not support double backward (a gradient of its gradient): "
     "its statistics span the ranks of the process group")
+DOUBLE_BACKWARD_RENORM = (
+    "bn_triton's Batch Renormalization does not support double backward (a gradient of its "
+    "gradient)")
 DOUBLE_BACKWARD_MEMORY_EFFICIENT = (
     "bn_triton's batch norm with memory_efficient=True does not support double backward (a "
     "gradient of its gradient): it keeps neither x nor z; pass memory_efficient=False")
@@ -190,6 +198,135 @@ def _(grad_output, input, output, residual, weight, bias, mean, invstd, count, o
                           activation_param, memory_efficient, eps)
 
 
+@torch.library.custom_op("bn_triton::batch_renorm_forward",
+                         mutates_args=("running_mean", "running_var"))
+def batch_renorm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
+                         bias: Optional[torch.Tensor], running_mean: torch.Tensor,
+                         running_var: torch.Tensor, num_batches_tracked: Optional[torch.Tensor],
+                         renorm_limits: torch.Tensor, momentum: float, eps: float,
+                         residual: Optional[torch.Tensor] = None, activation: str = "identity",
+                         activation_param: float = 0.0
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch Renormalization's training forward (arXiv:1702.03275, Algorithm 1): output =
+    act(γ·(x̂·r + d) + β + residual), mean, invstd as batch_norm_forward's, and renorm, the
+    (2, C) r and d (accumulation dtype) computed from the running statistics before the
+    update with the limits renorm_limits = (r_max, d_max), read on the device. The running
+    statistics are updated as batch_norm_forward updates them."""
+    _require_kernels("batch_renorm_forward", input)
+    factors = torch.empty(2, input.shape[1], dtype=accumulation_dtype(input.dtype),
+                          device=input.device)
+    output, mean, invstd = launch.batch_norm_forward(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, True, momentum,
+        eps, residual, Activation(activation, activation_param),
+        renorm=launch.Renorm(factors, renorm_limits))
+    return output, mean, invstd, factors
+
+
+@batch_renorm_forward.register_fake
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, renorm_limits,
+      momentum, eps, residual=None, activation="identity", activation_param=0.0):
+    output, mean, invstd = _forward_fake(input)
+    return output, mean, invstd, mean.new_empty((2, input.shape[1]))
+
+
+@torch.library.custom_op("bn_triton::batch_renorm_backward", mutates_args=())
+def batch_renorm_backward(grad_output: torch.Tensor, input: torch.Tensor,
+                          output: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                          weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                          mean: torch.Tensor, invstd: torch.Tensor, renorm: torch.Tensor,
+                          output_mask: List[bool], bias_dtype: Optional[torch.dtype],
+                          has_residual: bool = False, activation: str = "identity",
+                          activation_param: float = 0.0, eps: float = 0.0
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """batch_norm_backward (training) of batch_renorm_forward, r and d held constant: dx
+    carries γ·r, dγ = r·Σdz·x̂ + d·Σdz, dβ = Σdz; the same outputs and conventions."""
+    _require_kernels("batch_renorm_backward", input)
+    grads = launch.batch_norm_backward(grad_output, input, output, residual, weight, bias, mean,
+                                       invstd, True, output_mask, bias_dtype, has_residual,
+                                       Activation(activation, activation_param), False, eps,
+                                       renorm=renorm)
+    return tuple(grad if grad is not None else input.new_empty((0,)) for grad in grads)
+
+
+@batch_renorm_backward.register_fake
+def _(grad_output, input, output, residual, weight, bias, mean, invstd, renorm, output_mask,
+      bias_dtype, has_residual=False, activation="identity", activation_param=0.0, eps=0.0):
+    return _backward_fake(grad_output, input, output, residual, weight, bias, mean, invstd,
+                          True, output_mask, bias_dtype, has_residual, activation,
+                          activation_param, False, eps)
+
+
+@torch.library.custom_op("bn_triton::sync_batch_renorm_forward",
+                         mutates_args=("running_mean", "running_var"))
+def sync_batch_renorm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
+                              bias: Optional[torch.Tensor], running_mean: torch.Tensor,
+                              running_var: torch.Tensor,
+                              num_batches_tracked: Optional[torch.Tensor],
+                              renorm_limits: torch.Tensor, momentum: float, eps: float,
+                              group_name: str, residual: Optional[torch.Tensor] = None,
+                              activation: str = "identity", activation_param: float = 0.0
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor, torch.Tensor]:
+    """batch_renorm_forward whose statistics span the ranks of the process group named
+    group_name (SyncBatchRenorm): output, mean, invstd and the total count as
+    sync_batch_norm_forward's, and the (2, C) r and d of the merged statistics."""
+    _require_kernels("sync_batch_renorm_forward", input)
+    factors = torch.empty(2, input.shape[1], dtype=accumulation_dtype(input.dtype),
+                          device=input.device)
+    output, mean, invstd, count = collectives.forward(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+        group_name, residual, Activation(activation, activation_param), False,
+        launch.Renorm(factors, renorm_limits))
+    return output, mean, invstd, count, factors
+
+
+@sync_batch_renorm_forward.register_fake
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, renorm_limits,
+      momentum, eps, group_name, residual=None, activation="identity", activation_param=0.0):
+    output, mean, invstd = _forward_fake(input)
+    return (output, mean, invstd, input.new_empty((), dtype=torch.float64),
+            mean.new_empty((2, input.shape[1])))
+
+
+@torch.library.custom_op("bn_triton::sync_batch_renorm_backward", mutates_args=())
+def sync_batch_renorm_backward(grad_output: torch.Tensor, input: torch.Tensor,
+                               output: Optional[torch.Tensor],
+                               residual: Optional[torch.Tensor],
+                               weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                               mean: torch.Tensor, invstd: torch.Tensor, count: torch.Tensor,
+                               renorm: torch.Tensor, output_mask: List[bool],
+                               bias_dtype: Optional[torch.dtype], group_name: str,
+                               has_residual: bool = False, activation: str = "identity",
+                               activation_param: float = 0.0, eps: float = 0.0
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
+    """sync_batch_norm_backward of sync_batch_renorm_forward, r and d held constant."""
+    _require_kernels("sync_batch_renorm_backward", input)
+    grads = collectives.backward(grad_output, input, output, residual, weight, bias, mean,
+                                 invstd, count, output_mask, bias_dtype, group_name,
+                                 has_residual, Activation(activation, activation_param), False,
+                                 eps, renorm)
+    return tuple(grad if grad is not None else input.new_empty((0,)) for grad in grads)
+
+
+@sync_batch_renorm_backward.register_fake
+def _(grad_output, input, output, residual, weight, bias, mean, invstd, count, renorm,
+      output_mask, bias_dtype, group_name, has_residual=False, activation="identity",
+      activation_param=0.0, eps=0.0):
+    return _backward_fake(grad_output, input, output, residual, weight, bias, mean, invstd,
+                          True, output_mask, bias_dtype, has_residual, activation,
+                          activation_param, False, eps)
+
+
+def _no_renorm_double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_RENORM)
+
+
+for _op in ("batch_renorm_backward", "sync_batch_renorm_backward"):
+    torch.library.register_autograd(f"bn_triton::{_op}", _no_renorm_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
 def _setup_backward_of_backward(ctx, inputs, output):
     (grad_output, input, output_, residual, weight, bias, mean, invstd, training, _, _,
      has_residual, activation, activation_param, memory_efficient, eps) = inputs
@@ -319,7 +456,7 @@ def _save_for_backward(ctx, input: torch.Tensor, weight: Optional[torch.Tensor],
                        output: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                        count: Optional[torch.Tensor], training: bool, eps: float,
                        activation: Activation, memory_efficient: bool,
-                       group_name: Optional[str]) -> None:
+                       group_name: Optional[str], renorm: Optional[torch.Tensor] = None) -> None:
     """What backward needs, on ctx: mean, invstd, weight and what epilogue.dz_source names (x,
     never x̂; or y alone in the memory-saving mode; y or the residual where a residual meets
     an activation)."""
@@ -329,7 +466,7 @@ def _save_for_backward(ctx, input: torch.Tensor, weight: Optional[torch.Tensor],
     ctx.save_for_backward(None if memory_efficient else input,
                           output if keep_output else None,
                           residual if dz_from == "x_residual" else None, weight,
-                          bias if keep_bias else None, mean, invstd, count)
+                          bias if keep_bias else None, mean, invstd, count, renorm)
     ctx.group_name = group_name
     ctx.training, ctx.eps = training, eps
     ctx.activation, ctx.activation_param = activation.name, activation.param
@@ -343,7 +480,7 @@ def _input_grads(ctx, grad_output: torch.Tensor, through_ops: bool):
     each None where autograd does not ask for it (ctx.needs_input_grad: input, weight, bias
     first, the residual tenth). through_ops: by the backward ops (differentiable again, and
     what a trace records), else by the launches themselves."""
-    input, output, residual, weight, bias, mean, invstd, count = ctx.saved_tensors
+    input, output, residual, weight, bias, mean, invstd, count, renorm = ctx.saved_tensors
     needs = ctx.needs_input_grad
     # Without an activation d(residual) is grad_output itself: no kernel writes it.
     residual_from_kernel = ctx.has_residual and ctx.activation != "identity"
@@ -351,7 +488,17 @@ def _input_grads(ctx, grad_output: torch.Tensor, through_ops: bool):
     epilogue = (ctx.has_residual, ctx.activation, ctx.activation_param, ctx.memory_efficient,
                 ctx.eps)
     transformed = torch._C._are_functorch_transforms_active()
-    if ctx.group_name is not None and transformed:
+    if renorm is not None and ctx.group_name is not None:
+        grads = torch.ops.bn_triton.sync_batch_renorm_backward(
+            grad_output, input, output, residual, weight, bias, mean, invstd, count, renorm,
+            output_mask, ctx.bias_dtype, ctx.group_name, ctx.has_residual, ctx.activation,
+            ctx.activation_param, ctx.eps)
+    elif renorm is not None and through_ops:  # (torch.func runs renorm in torch's ops)
+        grads = torch.ops.bn_triton.batch_renorm_backward(
+            grad_output, input, output, residual, weight, bias, mean, invstd, renorm,
+            output_mask, ctx.bias_dtype, ctx.has_residual, ctx.activation,
+            ctx.activation_param, ctx.eps)
+    elif ctx.group_name is not None and transformed:
         grads = SyncBatchNormBackwardFunction.apply(
             grad_output, input, output, residual, weight, bias, mean, invstd, count,
             _mask_string(output_mask), ctx.bias_dtype, ctx.group_name, *epilogue)
@@ -371,7 +518,7 @@ def _input_grads(ctx, grad_output: torch.Tensor, through_ops: bool):
         grads = launch.batch_norm_backward(
             grad_output, input, output, residual, weight, bias, mean, invstd, ctx.training,
             output_mask, ctx.bias_dtype, ctx.has_residual,
-            ctx.epilogue_activation, ctx.memory_efficient, ctx.eps)
+            ctx.epilogue_activation, ctx.memory_efficient, ctx.eps, renorm=renorm)
     grad_input, grad_weight, grad_bias, grad_residual = [
         grad if wanted else None for grad, wanted in zip(grads, output_mask)]
     if needs[9] and not residual_from_kernel:
@@ -454,6 +601,45 @@ class TransformedBatchNormFunction(BatchNormFunction):
         return (t_output, None, None, *([None] if ctx.group_name is not None else []))
 
 
+class BatchRenormFunction(torch.autograd.Function):
+    """Batch Renormalization in training through its two ops (batch_renorm_forward and
+    batch_renorm_backward): what every tracer and mode sees, as BatchNormFunction is for
+    batch norm. r and d carry no gradient (arXiv:1702.03275)."""
+
+    @staticmethod
+    def forward(input: torch.Tensor, weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], running_mean: torch.Tensor,
+                running_var: torch.Tensor, num_batches_tracked: Optional[torch.Tensor],
+                renorm_limits: torch.Tensor, momentum: float, eps: float,
+                residual: Optional[torch.Tensor], activation: str, activation_param: float,
+                group_name: Optional[str]):
+        if group_name is not None:  # SyncBatchRenorm: also the total count across the ranks
+            return torch.ops.bn_triton.sync_batch_renorm_forward(
+                input, weight, bias, running_mean, running_var, num_batches_tracked,
+                renorm_limits, momentum, eps, group_name, residual, activation,
+                activation_param)
+        return torch.ops.bn_triton.batch_renorm_forward(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, renorm_limits,
+            momentum, eps, residual, activation, activation_param)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, *_, eps, residual, activation, activation_param, group_name = inputs
+        output, mean, invstd, *count, factors = output
+        ctx.mark_non_differentiable(mean, invstd, factors, *count)
+        _save_for_backward(ctx, input, weight, bias, residual, output, mean, invstd,
+                           count[0] if count else None, True, eps,
+                           Activation(activation, activation_param), False, group_name, factors)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_grad_statistics):
+        if grad_output is None:
+            return (None,) * 13
+        grad_input, grad_weight, grad_bias, grad_residual = _input_grads(ctx, grad_output, True)
+        return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None,
+                grad_residual, None, None, None)
+
+
 class EagerBatchNormFunction(torch.autograd.Function):
     """BatchNormFunction's forward and backward with the launches called directly: the same
     kernels, saved tensors and gradients, without the two custom-op dispatches and the
@@ -467,12 +653,13 @@ class EagerBatchNormFunction(torch.autograd.Function):
                 bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
                 training: bool, momentum: float, eps: float, residual: Optional[torch.Tensor],
-                activation: Activation, memory_efficient: bool) -> torch.Tensor:
-        output, mean, invstd = _launch_forward(
+                activation: Activation, memory_efficient: bool,
+                renorm_limits: Optional[torch.Tensor]) -> torch.Tensor:
+        output, mean, invstd, factors = _launch_forward(
             input, weight, bias, running_mean, running_var, num_batches_tracked, training,
-            momentum, eps, residual, activation, memory_efficient)
+            momentum, eps, residual, activation, memory_efficient, renorm_limits)
         _save_for_backward(ctx, input, weight, bias, residual, output, mean, invstd, None,
-                           training, eps, activation, memory_efficient, None)
+                           training, eps, activation, memory_efficient, None, factors)
         return output
 
     @staticmethod
@@ -480,19 +667,27 @@ class EagerBatchNormFunction(torch.autograd.Function):
         grad_input, grad_weight, grad_bias, grad_residual = _input_grads(
             ctx, grad_output, torch.is_grad_enabled())
         return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None,
-                grad_residual, None, None)
+                grad_residual, None, None, None)
 
 
 def _launch_forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                      training, momentum, eps, residual, activation, memory_efficient):
-    """batch_norm_forward's launches, called directly, with the op's effect on autograd's
-    version counters: a running statistic written in place counts as modified."""
-    result = launch.batch_norm_forward(input, weight, bias, running_mean, running_var,
-                                       num_batches_tracked, training, momentum, eps, residual,
-                                       activation, memory_efficient)
+                    training, momentum, eps, residual, activation, memory_efficient,
+                    renorm_limits=None):
+    """batch_norm_forward's launches (batch_renorm_forward's, renorm_limits given in
+    training), called directly, with the op's effect on autograd's version counters: a
+    running statistic written in place counts as modified. (output, mean, invstd, the renorm
+    factors or None)."""
+    renorm = None
+    if renorm_limits is not None and training:
+        renorm = launch.Renorm(input.new_empty((2, input.shape[1]),
+                                               dtype=accumulation_dtype(input.dtype)),
+                               renorm_limits)
+    output, mean, invstd = launch.batch_norm_forward(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+        momentum, eps, residual, activation, memory_efficient, renorm)
     if training and running_mean is not None:
         torch.autograd.graph.increment_version((running_mean, running_var))
-    return result
+    return output, mean, invstd, None if renorm is None else renorm.factors
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -527,7 +722,8 @@ def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
                num_batches_tracked: Optional[torch.Tensor], training: bool, momentum: float,
                eps: float, residual: Optional[torch.Tensor] = None,
                activation: Optional[Activation] = None, memory_efficient: bool = False,
-               group_name: Optional[str] = None) -> torch.Tensor:
+               group_name: Optional[str] = None,
+               renorm_limits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The differentiable act(batch_norm(x) + residual) over the ops: batch_norm_forward's
     output (sync_batch_norm_forward's, with statistics across the ranks of the process group
     named group_name, given). activation None is the identity.
@@ -535,7 +731,13 @@ def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     Two routes, one result: a call that anything traces or intercepts (observed) goes through
     BatchNormFunction and the ops, which is all Dynamo, export, the modes and the transforms
     ever see; a plain eager call runs the same launches directly (EagerBatchNormFunction
-    where autograd records it), which saves the ops' dispatch on every layer."""
+    where autograd records it), which saves the ops' dispatch on every layer.
+
+    renorm_limits (training, running statistics given): Batch Renormalization with the
+    (r_max, d_max) of that (2,) tensor, through batch_renorm_forward/backward (BatchRenormFunction)
+    or their launches. Not under torch.func's transforms (functional.py composes it there)."""
+    if renorm_limits is not None and not training:
+        renorm_limits = None  # eval: batch norm with the running statistics
     # The activation goes in as its name and parameter, literals where there is none: under
     # torch.compile(dynamic=True) Dynamo turns a float read from a shared object into a
     # symbolic input, which it cannot lift into the autograd.Function's graph.
@@ -546,11 +748,15 @@ def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
                                            for t in (input, weight, bias, residual)):
             return EagerBatchNormFunction.apply(
                 input, weight, bias, running_mean, running_var, num_batches_tracked, training,
-                momentum, eps, residual, activation, memory_efficient)
+                momentum, eps, residual, activation, memory_efficient, renorm_limits)
         return _launch_forward(input, weight, bias, running_mean, running_var,
-                                 num_batches_tracked, training, momentum, eps, residual,
-                                 activation, memory_efficient)[0]
+                               num_batches_tracked, training, momentum, eps, residual,
+                               activation, memory_efficient, renorm_limits)[0]
     name, param = (activation.name, activation.param) if activation else ("identity", 0.0)
+    if renorm_limits is not None:
+        return BatchRenormFunction.apply(input, weight, bias, running_mean, running_var,
+                                         num_batches_tracked, renorm_limits, momentum, eps,
+                                         residual, name, param, group_name)[0]
     transformed = not torch.compiler.is_compiling() and (
         torch._C._are_functorch_transforms_active()
         or torch.autograd.forward_ad._current_level >= 0)

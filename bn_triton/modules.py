@@ -9,7 +9,8 @@ from torch import fx, nn
 from .dispatch import TORCH, backend
 from .epilogue import (IDENTITY, Activation, activation_of_layer, check_memory_efficient,
                        torch_activation)
-from .functional import apply_batch_norm, check_batch_norm_args, composed_batch_norm
+from .functional import (apply_batch_norm, check_batch_norm_args, composed_batch_norm,
+                         composed_batch_renorm)
 
 
 def traced_as_leaf(forward: Callable) -> Callable:
@@ -51,9 +52,11 @@ class _TritonBatchNorm:
 
     def _batch_norm(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None,
                     activation: Optional[Activation] = None,
-                    memory_efficient: bool = False) -> torch.Tensor:
+                    memory_efficient: bool = False,
+                    renorm_limits: Optional[torch.Tensor] = None) -> torch.Tensor:
         """torch's bookkeeping (num_batches_tracked, momentum=None, which statistics), then the
-        batch norm and its epilogue: on the kernels, or in torch's ops where none serves."""
+        batch norm and its epilogue: on the kernels, or in torch's ops where none serves.
+        renorm_limits: Batch Renormalization's (r_max, d_max) in training (renorm.py)."""
         self._check_input_dim(input)
         # Each parameter and buffer read once: nn.Module.__getattr__ is ~1 µs a lookup.
         running_mean, running_var = self.running_mean, self.running_var
@@ -79,15 +82,22 @@ class _TritonBatchNorm:
                     # 1/num_batches_tracked is read by the kernel: no host synchronisation,
                     # and nothing that torch.compile has to break its graph for.
                     num_batches_tracked = counter
+        if renorm_limits is not None and not (training and tracking):
+            renorm_limits = None  # eval: the running statistics normalize, as batch norm's
         if backend(input) == TORCH:
             if num_batches_tracked is not None:
                 momentum = 1.0 / float(num_batches_tracked)
+            if renorm_limits is not None and input.numel() > 0:
+                return composed_batch_renorm(input, running_mean, running_var, weight, bias,
+                                             momentum, self.eps, renorm_limits, residual,
+                                             activation or IDENTITY)
             return composed_batch_norm(input, running_mean, running_var, weight, bias,
                                        bn_training, momentum, self.eps, residual,
                                        activation or IDENTITY, memory_efficient)
         return apply_batch_norm(input, running_mean, running_var, weight, bias, bn_training,
                                 momentum, self.eps, num_batches_tracked, residual=residual,
-                                activation=activation, memory_efficient=memory_efficient)
+                                activation=activation, memory_efficient=memory_efficient,
+                                renorm_limits=renorm_limits)
 
 
 class BatchNorm1d(_TritonBatchNorm, nn.BatchNorm1d):

@@ -84,3 +84,57 @@ def batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor],
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
     return y
+
+
+# --- Batch Renormalization (Ioffe, NeurIPS 2017, arXiv:1702.03275), Algorithm 1 ------------
+#     σ_B = sqrt(σ²_B + ε),  σ = sqrt(running_var + ε),
+#     r = clip(σ_B/σ, 1/r_max, r_max),  d = clip((μ_B - running_mean)/σ, -d_max, d_max),
+#     x̂ = (x - μ_B)/σ_B,  y = γ·(x̂·r + d) + β,
+# r and d treated as constants by the gradient (stop_gradient in the paper); the running
+# statistics updated as batch norm's, after r and d are taken from them.
+
+def renorm_factors(mean: torch.Tensor, var: torch.Tensor, running_mean: torch.Tensor,
+                   running_var: torch.Tensor, r_max: float, d_max: float, eps: float = 1e-5
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(r, d) per channel in float64, detached."""
+    mean, var = mean.detach().double(), var.detach().double()
+    std = torch.sqrt(running_var.double() + eps)
+    r = torch.clamp(torch.sqrt(var + eps) / std, 1.0 / r_max, r_max)
+    d = torch.clamp((mean - running_mean.double()) / std, -d_max, d_max)
+    return r, d
+
+
+def batch_renorm_train(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                       weight: Optional[torch.Tensor] = None,
+                       bias: Optional[torch.Tensor] = None, r_max: float = 3.0,
+                       d_max: float = 5.0, eps: float = 1e-5
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  torch.Tensor]:
+    """(y, μ_B, σ²_B, r, d) of Batch Renormalization's Algorithm 1 in float64, r and d from the
+    running statistics given (those before this batch); differentiable in x, weight and bias,
+    r and d constants."""
+    mean, var = batch_statistics(x)
+    r, d = renorm_factors(mean, var, running_mean, running_var, r_max, d_max, eps)
+    x_hat = (x.double() - _per_channel(mean, x.dim())) / torch.sqrt(
+        _per_channel(var, x.dim()) + eps)
+    x_hat = x_hat * _per_channel(r, x.dim()) + _per_channel(d, x.dim())
+    return _scale_shift(x_hat, weight, bias), mean, var, r, d
+
+
+def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                 weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                 training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                 r_max: float = 3.0, d_max: float = 5.0) -> torch.Tensor:
+    """A BatchRenorm layer's contract in float64: returns y and, in training, overwrites the
+    running statistics with their updated values (batch_norm's update). Eval: batch norm's
+    inference transform."""
+    if not training:
+        return batch_norm_infer(x, running_mean, running_var, weight, bias, eps)
+    y, mean, var, _, _ = batch_renorm_train(x, running_mean, running_var, weight, bias, r_max,
+                                            d_max, eps)
+    new_mean, new_var = updated_running_stats(running_mean, running_var, mean.detach(),
+                                              var.detach(), x.numel() // x.size(1), momentum)
+    with torch.no_grad():
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+    return y

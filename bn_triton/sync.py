@@ -47,9 +47,11 @@ class _TritonSyncBatchNorm:
     def _sync_batch_norm(self, input: torch.Tensor, group_name: str,
                          residual: Optional[torch.Tensor] = None,
                          activation: Optional[Activation] = None,
-                         memory_efficient: bool = False) -> torch.Tensor:
+                         memory_efficient: bool = False,
+                         renorm_limits: Optional[torch.Tensor] = None) -> torch.Tensor:
         """torch's SyncBatchNorm bookkeeping, every check before the first collective, then
-        the synced ops. A failing call leaves every buffer as it was."""
+        the synced ops (Batch Renormalization's, renorm_limits given: SyncBatchRenorm). A
+        failing call leaves every buffer as it was."""
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         tracking = self.track_running_stats and not recomputing()  # see modules.recomputing
@@ -67,7 +69,8 @@ class _TritonSyncBatchNorm:
         return apply_batch_norm(input, running_mean, running_var, self.weight, self.bias, True,
                                 momentum, self.eps, num_batches_tracked, residual=residual,
                                 activation=activation, memory_efficient=memory_efficient,
-                                group_name=group_name)
+                                group_name=group_name,
+                                renorm_limits=renorm_limits if tracking else None)
 
 
 class SyncBatchNorm(_TritonSyncBatchNorm, _TritonBatchNorm, nn.SyncBatchNorm):

@@ -21,6 +21,10 @@ from y as (act⁻¹(y) - β)/γ̂ with γ̂ = |γ| + eps, never zero, and dγ = 
 - backward_slab_kernel (small M): a program holds whole channels of x and dy in registers,
   reduces and writes dx from them: 3 element-sizes in 1 launch (5 with a residual).
 Forward saves x (or y in the memory-saving mode), mean and invstd; x̂ is recomputed.
+
+RENORM (Batch Renormalization, arXiv:1702.03275): z = γ·(x̂·r + d) + β with per-channel r, d
+saved by the forward and held constant; the kernels above with γ·r in place of γ in dx and in
+z, and dγ = r·Σdz·x̂ + d·Σdz (see channel_terms, store_affine_grads). Same traffic.
 """
 import triton
 import triton.language as tl
@@ -28,7 +32,7 @@ import triton.language as tl
 from . import activations
 from .forward import slab_offsets
 from .stats import (COMBINE_TILE, SPLIT_COUNTS, channel_scale, channel_shift, divide,
-                    finished_last, split_range, tile_offsets)
+                    finished_last, renorm_affine, split_range, tile_offsets)
 
 
 @triton.jit
@@ -68,17 +72,25 @@ def grad_z_and_centred(dy, x_ptr, x_offsets, y_ptr, y_offsets, residual_ptr, res
 
 
 @triton.jit
-def channel_terms(weight_ptr, bias_ptr, mean_ptr, invstd_ptr, c, c_mask, eps, eps_lo,
-                  act_param, act_param_lo, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  XHAT_FROM_OUTPUT: tl.constexpr):
+def channel_terms(weight_ptr, bias_ptr, mean_ptr, invstd_ptr, renorm_ptr, c, c_mask, C, eps,
+                  eps_lo, act_param, act_param_lo, HAS_WEIGHT: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr,
+                  RENORM: tl.constexpr):
     """What every backward kernel reads per channel: mean, invstd, scale = γ·invstd (γ̂·invstd
     with XHAT_FROM_OUTPUT, see channel_scale), shift = β, inv_scale = 1/scale (1 in masked-off
-    channels: no 1/0) and the activation's parameter, in the accumulation dtype."""
+    channels: no 1/0) and the activation's parameter, in the accumulation dtype. With RENORM
+    (Batch Renormalization), z = γ·(x̂·r + d) + β: scale is γ·invstd·r and shift β + γ·d, so
+    dx = scale·(...) carries γ·r, as Algorithm 1 of arXiv:1702.03275 differentiates with r
+    and d held constant."""
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
     scale = channel_scale(weight_ptr, c, c_mask, invstd, eps, eps_lo, HAS_WEIGHT,
                           XHAT_FROM_OUTPUT)
     shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
+    if RENORM:
+        r = tl.load(renorm_ptr + c, mask=c_mask, other=1.0)
+        d = tl.load(renorm_ptr + C + c, mask=c_mask, other=0.0)
+        scale, shift = renorm_affine(weight_ptr, c, c_mask, scale, shift, r, d, HAS_WEIGHT)
     inv_scale = divide(tl.zeros(scale.shape, scale.dtype) + 1.0, tl.where(c_mask, scale, 1.0))
     param = activations.parameter(act_param, act_param_lo, invstd.dtype)
     return mean, invstd, scale, shift, inv_scale, param
@@ -111,13 +123,19 @@ def tile_grad_z(dy_ptr, x_ptr, y_ptr, residual_ptr, pid_c, tile, tiles_per_n, C,
 
 
 @triton.jit
-def store_affine_grads(grad_weight_ptr, grad_bias_ptr, weight_ptr, c, c_mask, sum_dz,
-                       sum_dz_xhat, WRITE_GRAD_WEIGHT: tl.constexpr,
-                       WRITE_GRAD_BIAS: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr):
-    """dγ = Σ dz·x̂ (times sign(γ) where the forward scaled by |γ| + eps), dβ = Σ dz, each
-    when asked, in its own dtype."""
+def store_affine_grads(grad_weight_ptr, grad_bias_ptr, weight_ptr, renorm_ptr, c, c_mask, C,
+                       sum_dz, sum_dz_xhat, WRITE_GRAD_WEIGHT: tl.constexpr,
+                       WRITE_GRAD_BIAS: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr,
+                       RENORM: tl.constexpr):
+    """dγ = Σ dz·x̂ (times sign(γ) where the forward scaled by |γ| + eps; Σ dz·(x̂·r + d) =
+    r·Σ dz·x̂ + d·Σ dz with RENORM, r and d read here rather than kept live through the
+    sums), dβ = Σ dz, each when asked, in its own dtype."""
     if WRITE_GRAD_WEIGHT:
         grad_weight = sum_dz_xhat
+        if RENORM:
+            r = tl.load(renorm_ptr + c, mask=c_mask, other=1.0)
+            d = tl.load(renorm_ptr + C + c, mask=c_mask, other=0.0)
+            grad_weight = r * sum_dz_xhat + d * sum_dz
         if XHAT_FROM_OUTPUT:
             weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0)
             grad_weight = tl.where(weight > 0, grad_weight, tl.where(weight < 0, -grad_weight,
@@ -131,8 +149,8 @@ def store_affine_grads(grad_weight_ptr, grad_bias_ptr, weight_ptr, c, c_mask, su
 @triton.jit(do_not_specialize=["epoch", *SPLIT_COUNTS])
 def dy_sums_kernel(
     x_ptr, y_ptr, residual_ptr, dy_ptr, grad_residual_ptr, weight_ptr, bias_ptr,
-    mean_ptr, invstd_ptr, part_sum_dy_ptr, part_sum_dy_xmu_ptr, tickets_ptr, epoch,
-    mean_dy_ptr, mean_dy_xhat_ptr, grad_weight_ptr, grad_bias_ptr,
+    mean_ptr, invstd_ptr, renorm_ptr, part_sum_dy_ptr, part_sum_dy_xmu_ptr, tickets_ptr,
+    epoch, mean_dy_ptr, mean_dy_xhat_ptr, grad_weight_ptr, grad_bias_ptr,
     C, S, inv_count, inv_count_lo, eps, eps_lo, act_param, act_param_lo,
     tiles_per_n, num_tiles, tiles_per_split, num_splits,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
@@ -141,8 +159,8 @@ def dy_sums_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     DZ_FROM: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
-    WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr, INT64: tl.constexpr,
-    VECTOR: tl.constexpr = 1,
+    WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr, RENORM: tl.constexpr,
+    INT64: tl.constexpr, VECTOR: tl.constexpr = 1,
 ):
     """sum_dy = Σ dz and sum_dy_xhat = invstd·Σ dz·(x - mean) of every channel (dz = dy
     without an activation; see the module docstring).
@@ -162,8 +180,8 @@ def dy_sums_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean, invstd, scale, shift, inv_scale, param = channel_terms(
-        weight_ptr, bias_ptr, mean_ptr, invstd_ptr, c, c_mask, eps, eps_lo, act_param,
-        act_param_lo, HAS_WEIGHT, HAS_BIAS, XHAT_FROM_OUTPUT)
+        weight_ptr, bias_ptr, mean_ptr, invstd_ptr, renorm_ptr, c, c_mask, C, eps, eps_lo,
+        act_param, act_param_lo, HAS_WEIGHT, HAS_BIAS, XHAT_FROM_OUTPUT, RENORM)
 
     # Lane-wise sums over the tiles, reduced across the block once after the loop: no
     # barrier inside the loop.
@@ -212,22 +230,23 @@ def dy_sums_kernel(
         count_inverse = tl.zeros([BLOCK_C], acc_dtype) + inv_count + inv_count_lo
         tl.store(mean_dy_ptr + c, sum_dy * count_inverse, mask=c_mask)
         tl.store(mean_dy_xhat_ptr + c, sum_dy_xhat * count_inverse, mask=c_mask)
-        store_affine_grads(grad_weight_ptr, grad_bias_ptr, weight_ptr, c, c_mask, sum_dy,
-                           sum_dy_xhat, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS, XHAT_FROM_OUTPUT)
+        store_affine_grads(grad_weight_ptr, grad_bias_ptr, weight_ptr, renorm_ptr, c, c_mask, C,
+                           sum_dy, sum_dy_xhat, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS,
+                           XHAT_FROM_OUTPUT, RENORM)
 
 
 @triton.jit(do_not_specialize=SPLIT_COUNTS)
 def input_grad_kernel(
     x_ptr, y_ptr, residual_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
-    mean_dy_ptr, mean_dy_xhat_ptr, C, S, eps, eps_lo, act_param, act_param_lo,
+    renorm_ptr, mean_dy_ptr, mean_dy_xhat_ptr, C, S, eps, eps_lo, act_param, act_param_lo,
     tiles_per_n, num_tiles, tiles_per_split, num_splits,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs, stride_dyn, stride_dyc, stride_dys,
     stride_dxn, stride_dxc, stride_dxs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BATCH_STATS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-    DZ_FROM: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr, INT64: tl.constexpr,
-    VECTOR: tl.constexpr = 1,
+    DZ_FROM: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr, RENORM: tl.constexpr,
+    INT64: tl.constexpr, VECTOR: tl.constexpr = 1,
 ):
     """dx = γ·invstd·(dz - mean_dy - (x - mean)·invstd·mean_dy_xhat) with batch statistics
     (BATCH_STATS, coefficients from dy_sums_kernel), dx = γ·invstd·dz otherwise (x read only
@@ -240,8 +259,8 @@ def input_grad_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean, invstd, scale, shift, inv_scale, param = channel_terms(
-        weight_ptr, bias_ptr, mean_ptr, invstd_ptr, c, c_mask, eps, eps_lo, act_param,
-        act_param_lo, HAS_WEIGHT, HAS_BIAS, XHAT_FROM_OUTPUT)
+        weight_ptr, bias_ptr, mean_ptr, invstd_ptr, renorm_ptr, c, c_mask, C, eps, eps_lo,
+        act_param, act_param_lo, HAS_WEIGHT, HAS_BIAS, XHAT_FROM_OUTPUT, RENORM)
     if BATCH_STATS:
         mean_dy = tl.load(mean_dy_ptr + c, mask=c_mask, other=0.0)
         xmu_coef = invstd * tl.load(mean_dy_xhat_ptr + c, mask=c_mask, other=0.0)
@@ -265,7 +284,7 @@ def input_grad_kernel(
 @triton.jit
 def backward_slab_kernel(
     x_ptr, y_ptr, residual_ptr, dy_ptr, dx_ptr, grad_residual_ptr, weight_ptr, bias_ptr,
-    mean_ptr, invstd_ptr, grad_weight_ptr, grad_bias_ptr,
+    mean_ptr, invstd_ptr, renorm_ptr, grad_weight_ptr, grad_bias_ptr,
     C, N, S, M, eps, eps_lo, act_param, act_param_lo,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs, stride_dyn, stride_dyc, stride_dys,
@@ -274,8 +293,8 @@ def backward_slab_kernel(
     BATCH_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, DZ_FROM: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr,
     WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
-    WRITE_GRAD_INPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr, INT64: tl.constexpr,
-    X_LIKE_DY: tl.constexpr,
+    WRITE_GRAD_INPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr, RENORM: tl.constexpr,
+    INT64: tl.constexpr, X_LIKE_DY: tl.constexpr,
 ):
     """dγ, dβ, d(residual) and dx of whole channels held in registers: one read of x (or y) and
     dy, one write of dx.
@@ -293,8 +312,8 @@ def backward_slab_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean, invstd, scale, shift, inv_scale, param = channel_terms(
-        weight_ptr, bias_ptr, mean_ptr, invstd_ptr, c, c_mask, eps, eps_lo, act_param,
-        act_param_lo, HAS_WEIGHT, HAS_BIAS, XHAT_FROM_OUTPUT)
+        weight_ptr, bias_ptr, mean_ptr, invstd_ptr, renorm_ptr, c, c_mask, C, eps, eps_lo,
+        act_param, act_param_lo, HAS_WEIGHT, HAS_BIAS, XHAT_FROM_OUTPUT, RENORM)
 
     dy_offsets, mask = slab_offsets(pid_c, C, N, S, stride_dyn, stride_dyc, stride_dys,
                                     BLOCK_C, BLOCK_N, BLOCK_S, INT64)
@@ -322,8 +341,9 @@ def backward_slab_kernel(
                  mask=mask)
     sum_dy = tl.sum(tl.sum(dz, axis=2), axis=1)
     sum_dy_xhat = invstd * tl.sum(tl.sum(dz * centred, axis=2), axis=1)
-    store_affine_grads(grad_weight_ptr, grad_bias_ptr, weight_ptr, c, c_mask, sum_dy,
-                       sum_dy_xhat, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS, XHAT_FROM_OUTPUT)
+    store_affine_grads(grad_weight_ptr, grad_bias_ptr, weight_ptr, renorm_ptr, c, c_mask, C,
+                       sum_dy, sum_dy_xhat, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS,
+                       XHAT_FROM_OUTPUT, RENORM)
 
     if WRITE_GRAD_INPUT:
         if BATCH_STATS:

@@ -21,7 +21,8 @@ import triton.language as tl
 
 from . import activations
 from .stats import (SPLIT_COUNTS, channel_pivot, channel_scale, channel_shift, divide,
-                    inverse_std, split_range, tile_offsets, update_running_stats)
+                    inverse_std, renorm_affine, renorm_factors, split_range, tile_offsets,
+                    update_running_stats)
 
 
 @triton.jit
@@ -36,15 +37,15 @@ def epilogue(z, residual_ptr, residual_offsets, mask, act_param, HAS_RESIDUAL: t
 @triton.jit(do_not_specialize=SPLIT_COUNTS)
 def normalize_kernel(
     x_ptr, y_ptr, residual_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr, centre_ptr,
-    running_mean_ptr, running_var_ptr,
+    running_mean_ptr, running_var_ptr, renorm_ptr,
     C, S, tiles_per_n, num_tiles, tiles_per_split, num_splits, eps, eps_lo,
     act_param, act_param_lo,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BATCH_STATS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    ACTIVATION: tl.constexpr, ABS_WEIGHT: tl.constexpr, INT64: tl.constexpr,
-    VECTOR: tl.constexpr = 1,
+    ACTIVATION: tl.constexpr, ABS_WEIGHT: tl.constexpr, RENORM: tl.constexpr,
+    INT64: tl.constexpr, VECTOR: tl.constexpr = 1,
 ):
     """y[n, c, s] = act((x[n, c, s] - mean[c])·invstd[c]·γ[c] + β[c] + residual[n, c, s]).
 
@@ -52,8 +53,10 @@ def normalize_kernel(
     x, y, residual: (N, C, S), each with its own strides. weight, bias: (C,) or absent (γ = 1,
     β = 0). BATCH_STATS: invstd and centre = mean - x[0, c, 0] come from batch_stats_kernel.
     Otherwise mean = running_mean, invstd = 1/sqrt(running_var + eps) (eps a float32 pair, see
-    update_running_stats), which split 0 writes to mean/invstd for backward. act_param: the
-    activation's parameter as a float32 pair."""
+    update_running_stats), which split 0 writes to mean/invstd for backward. RENORM (with
+    BATCH_STATS): Batch Renormalization, y = act(γ·(x̂·r + d) + β + residual) with r, d
+    from batch_stats_kernel (renorm: (2, C)). act_param: the activation's parameter as a
+    float32 pair."""
     acc_dtype = invstd_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
@@ -75,6 +78,10 @@ def normalize_kernel(
 
     scale = channel_scale(weight_ptr, c, c_mask, invstd, eps, eps_lo, HAS_WEIGHT, ABS_WEIGHT)
     shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
+    if RENORM:
+        r = tl.load(renorm_ptr + c, mask=c_mask, other=1.0)
+        d = tl.load(renorm_ptr + C + c, mask=c_mask, other=0.0)
+        scale, shift = renorm_affine(weight_ptr, c, c_mask, scale, shift, r, d, HAS_WEIGHT)
     param = activations.parameter(act_param, act_param_lo, acc_dtype)
 
     first, last = split_range(split, tiles_per_split, num_tiles, INT64)
@@ -111,14 +118,15 @@ def slab_offsets(pid_c, C, N, S, stride_n, stride_c, stride_s, BLOCK_C: tl.const
 @triton.jit
 def forward_slab_kernel(
     x_ptr, y_ptr, residual_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
-    running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
+    running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, renorm_ptr, renorm_limits_ptr,
     C, N, S, M, momentum, momentum_lo, eps, eps_lo, act_param, act_param_lo,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_COUNT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    ACTIVATION: tl.constexpr, ABS_WEIGHT: tl.constexpr, INT64: tl.constexpr,
+    ACTIVATION: tl.constexpr, ABS_WEIGHT: tl.constexpr, RENORM: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """Training forward of whole channels held in registers, one read of x and one write of y.
 
@@ -127,7 +135,9 @@ def forward_slab_kernel(
         centre = Σ x'/M,  var = Σ (x' - centre)²/M,  mean = pivot + centre,
         y = act((x' - centre)·invstd·γ + β + residual),  invstd = 1/sqrt(var + eps),
     an exact two-pass variance over registers. Writes mean and invstd (accumulation dtype),
-    and with UPDATE_RUNNING the running statistics (see update_running_stats)."""
+    and with UPDATE_RUNNING the running statistics (see update_running_stats). RENORM: Batch
+    Renormalization, y = act(γ·(x̂·r + d) + β + residual), r and d (stats.renorm_factors, from
+    the running statistics before the update) written to renorm: (2, C)."""
     acc_dtype = mean_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -146,12 +156,19 @@ def forward_slab_kernel(
     mean = pivot + centre
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(invstd_ptr + c, invstd, mask=c_mask)
+    if RENORM:  # before the update: r and d are relative to the statistics so far
+        r, d = renorm_factors(running_mean_ptr, running_var_ptr, renorm_limits_ptr, c, c_mask,
+                              mean, invstd, eps, eps_lo)
+        tl.store(renorm_ptr + c, r, mask=c_mask)
+        tl.store(renorm_ptr + C + c, d, mask=c_mask)
     if UPDATE_RUNNING:
         update_running_stats(running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, c,
                              c_mask, mean, var, M, momentum, momentum_lo, MOMENTUM_FROM_COUNT)
 
     scale = channel_scale(weight_ptr, c, c_mask, invstd, eps, eps_lo, HAS_WEIGHT, ABS_WEIGHT)
     shift = channel_shift(bias_ptr, c, c_mask, invstd, HAS_BIAS)
+    if RENORM:
+        scale, shift = renorm_affine(weight_ptr, c, c_mask, scale, shift, r, d, HAS_WEIGHT)
     z = x * scale[:, None, None] + shift[:, None, None]
     r_offsets, _ = slab_offsets(pid_c, C, N, S, stride_rn, stride_rc, stride_rs,
                                 BLOCK_C, BLOCK_N, BLOCK_S, INT64)

@@ -13,16 +13,17 @@ contraction would buy nothing. The float64 divisions are IEEE (div.rn.f64) on NV
 import triton
 import triton.language as tl
 
-from .stats import update_running_stats
+from .stats import inverse_std, renorm_factors, update_running_stats
 
 
 @triton.jit
 def merge_statistics_kernel(
     gathered_ptr, mean_ptr, var_ptr, count_ptr, running_mean_ptr, running_var_ptr,
-    num_batches_tracked_ptr,
-    C, world, momentum, momentum_lo,
+    num_batches_tracked_ptr, renorm_ptr, renorm_limits_ptr,
+    C, world, momentum, momentum_lo, eps, eps_lo,
     stride_gw, stride_gs, stride_gc,
     BLOCK_C: tl.constexpr, UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_COUNT: tl.constexpr,
+    RENORM: tl.constexpr,
 ):
     """mean, biased var and count of every channel over the ranks, and the running update.
 
@@ -37,7 +38,10 @@ def merge_statistics_kernel(
     gathered: (world, 3, C) float64, any strides, row s = 0, 1, 2 holding count, mean, biased
     var. mean, var: (C,) in the accumulation dtype (float32, float64 for float64 input), rounded
     once from float64. count: a float64 scalar, n of channel 0 (every channel has the same n),
-    written by program 0. running_mean, running_var: (C,), contiguous, any float dtype."""
+    written by program 0. running_mean, running_var: (C,), contiguous, any float dtype.
+    RENORM (SyncBatchRenorm): first Batch Renormalization's r and d of the merged statistics
+    against the running ones before the update (stats.renorm_factors, in float64), to renorm:
+    (2, C) in the accumulation dtype; eps: a float32 pair."""
     pid = tl.program_id(0)
     c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -60,6 +64,12 @@ def merge_statistics_kernel(
     tl.store(mean_ptr + c, mean.to(mean_ptr.dtype.element_ty), mask=c_mask)
     tl.store(var_ptr + c, var.to(var_ptr.dtype.element_ty), mask=c_mask)
     tl.store(count_ptr + c * 0, count, mask=c == 0)
+    if RENORM:
+        invstd = inverse_std(var + eps_lo, eps)
+        r, d = renorm_factors(running_mean_ptr, running_var_ptr, renorm_limits_ptr, c, c_mask,
+                              mean, invstd, eps, eps_lo)
+        tl.store(renorm_ptr + c, r.to(renorm_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(renorm_ptr + C + c, d.to(renorm_ptr.dtype.element_ty), mask=c_mask)
     if UPDATE_RUNNING:
         update_running_stats(running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, c,
                              c_mask, mean, var, count, momentum, momentum_lo,

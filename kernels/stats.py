@@ -209,6 +209,40 @@ def channel_shift(bias_ptr, c, c_mask, like, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def renorm_factors(running_mean_ptr, running_var_ptr, renorm_limits_ptr, c, c_mask, mean,
+                   invstd, eps, eps_lo):
+    """Batch Renormalization's correction (Ioffe 2017, arXiv:1702.03275, Algorithm 1) of every
+    channel, from the running statistics before this batch updates them:
+        σ_B = sqrt(var + eps),  σ = sqrt(running_var + eps),
+        r = clip(σ_B/σ, 1/r_max, r_max),  d = clip((mean - running_mean)/σ, -d_max, d_max),
+    σ_B/σ taken as invstd_running/invstd (both correctly rounded, see inverse_std). r and d
+    are constants of the backward (no gradient flows through them). renorm_limits: (r_max,
+    d_max), read on the device (a schedule changes them every step: no recompilation, no
+    host value). With r_max = 1 and d_max = 0, r = 1 and d = 0 exactly: batch norm's bits."""
+    acc_dtype = invstd.dtype
+    running_mean = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
+    running_var = tl.load(running_var_ptr + c, mask=c_mask, other=1.0).to(acc_dtype)
+    invstd_running = inverse_std(running_var + eps_lo, eps)
+    r_limit = tl.zeros(invstd.shape, acc_dtype) + tl.load(renorm_limits_ptr).to(acc_dtype)
+    d_limit = tl.zeros(invstd.shape, acc_dtype) + tl.load(renorm_limits_ptr + 1).to(acc_dtype)
+    r = divide(invstd_running, tl.where(c_mask, invstd, 1.0))
+    r = tl.minimum(tl.maximum(r, divide(tl.zeros(r.shape, acc_dtype) + 1.0, r_limit)), r_limit)
+    d = tl.minimum(tl.maximum((mean - running_mean) * invstd_running, -d_limit), d_limit)
+    return r, d
+
+
+@triton.jit
+def renorm_affine(weight_ptr, c, c_mask, scale, shift, r, d, HAS_WEIGHT: tl.constexpr):
+    """scale·r and shift + γ·d: batch norm's per-channel affine turned into Batch
+    Renormalization's, y = γ·(x̂·r + d) + β = (x - mean)·(γ·invstd·r) + (β + γ·d)."""
+    if HAS_WEIGHT:
+        weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(scale.dtype)
+        return scale * r, shift + weight * d
+    else:
+        return scale * r, shift + d
+
+
+@triton.jit
 def update_running_stats(running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, c, c_mask,
                          mean, var, M, momentum, momentum_lo,
                          MOMENTUM_FROM_COUNT: tl.constexpr):
@@ -236,13 +270,13 @@ def update_running_stats(running_mean_ptr, running_var_ptr, num_batches_tracked_
 def batch_stats_kernel(
     x_ptr, part_mean_ptr, part_m2_ptr, tickets_ptr, epoch,
     mean_ptr, invstd_ptr, centre_ptr, var_ptr, running_mean_ptr, running_var_ptr,
-    num_batches_tracked_ptr,
+    num_batches_tracked_ptr, renorm_ptr, renorm_limits_ptr,
     C, S, M, tiles_per_n, num_tiles, tiles_per_split, num_splits,
     momentum, momentum_lo, eps, eps_lo,
     stride_xn, stride_xc, stride_xs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_COUNT: tl.constexpr, WRITE_VAR: tl.constexpr,
-    INT64: tl.constexpr, VECTOR: tl.constexpr = 1,
+    RENORM: tl.constexpr, INT64: tl.constexpr, VECTOR: tl.constexpr = 1,
 ):
     """mean, invstd = 1/sqrt(var + eps) (biased var) of every channel, and the running update.
 
@@ -255,7 +289,8 @@ def batch_stats_kernel(
     over [BLOCK_C, CHUNK] chunks of them in a fixed order (CHUNK = COMBINE_TILE // BLOCK_C,
     whatever num_splits: one compilation for every split count), and writes mean, invstd,
     centre = mean - pivot (unrounded, for normalize_kernel), with WRITE_VAR var, and with
-    UPDATE_RUNNING the running statistics. x: (N, C, S), any strides, any float dtype.
+    UPDATE_RUNNING the running statistics; with RENORM, first Batch Renormalization's r and d
+    (renorm_factors) to renorm: (2, C), r then d. x: (N, C, S), any strides, any float dtype.
     part_*: (C, num_splits); mean, invstd, centre, var: (C,), all in the accumulation dtype
     (float32, float64 for float64 x). tickets: int64, one per channel block, with this launch's epoch (see finished_last).
     Divisions are correctly rounded (see divide)."""
@@ -309,11 +344,17 @@ def batch_stats_kernel(
             lane_sum += part_m2 + counts[None, :] * spread * spread
         var = divide(tl.sum(lane_sum, axis=1), total)
         mean = pivot + centre
+        invstd = inverse_std(var + eps_lo, eps)
         tl.store(mean_ptr + c, mean, mask=c_mask)
-        tl.store(invstd_ptr + c, inverse_std(var + eps_lo, eps), mask=c_mask)
+        tl.store(invstd_ptr + c, invstd, mask=c_mask)
         tl.store(centre_ptr + c, centre, mask=c_mask)
         if WRITE_VAR:  # a rank's statistics, for SyncBatchNorm to combine across ranks
             tl.store(var_ptr + c, var, mask=c_mask)
+        if RENORM:  # before the update: r and d are relative to the statistics so far
+            r, d = renorm_factors(running_mean_ptr, running_var_ptr, renorm_limits_ptr, c,
+                                  c_mask, mean, invstd, eps, eps_lo)
+            tl.store(renorm_ptr + c, r, mask=c_mask)
+            tl.store(renorm_ptr + C + c, d, mask=c_mask)
         if UPDATE_RUNNING:
             update_running_stats(running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, c,
                                  c_mask, mean, var, M, momentum, momentum_lo, MOMENTUM_FROM_COUNT)

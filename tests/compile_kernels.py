@@ -233,6 +233,10 @@ def run_scenario(scenario: Dict[str, Any]) -> List[Tuple[Any, tuple, dict]]:
     residual = (_meta_tensor(torch, shape, dtype, scenario.get("residual_layout", "contiguous"))
                 if scenario.get("residual") else None)
     memory_efficient = scenario.get("memory_efficient", False)
+    renorm = (launch.Renorm(torch.empty(2, C, dtype=torch.float64 if dtype == torch.float64
+                                        else torch.float32, device="meta"),
+                            torch.empty(2, dtype=param_dtype, device="meta"))
+              if scenario.get("renorm") else None)
     want_dr = residual is not None and scenario.get("grad_residual", True)
     original = JITFunction.run
     JITFunction.run = record
@@ -243,14 +247,14 @@ def run_scenario(scenario: Dict[str, Any]) -> List[Tuple[Any, tuple, dict]]:
         y, mean, invstd = launch.batch_norm_forward(
             x, weight, bias, running_mean, running_var, num_batches_tracked, training,
             0.0 if momentum is None else momentum, 1e-5, residual, activation,
-            memory_efficient)
+            memory_efficient, renorm)
         if want_dx or want_dw or want_db or want_dr:
             dy = _meta_tensor(torch, shape, dtype, scenario.get("dy_layout", "contiguous"))
             launch.batch_norm_backward(dy, x, y, residual, weight, bias, mean, invstd, training,
                                        (want_dx, want_dw, want_db, want_dr),
                                        None if bias is None else bias.dtype,
                                        residual is not None, activation, memory_efficient,
-                                       1e-5)
+                                       1e-5, renorm=None if renorm is None else renorm.factors)
     finally:
         JITFunction.run = original
     return launches

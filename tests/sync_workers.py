@@ -77,6 +77,9 @@ def layer_step(rank, world, inputs):
         lo, hi = case["slices"][rank]
         layer_cls = bn_triton.SyncBatchNormAct if case.get("act") else bn_triton.SyncBatchNorm
         kwargs = dict(act_layer=case["act"]) if case.get("act") else {}
+        if case.get("renorm"):
+            layer_cls = bn_triton.SyncBatchRenorm
+            kwargs = dict(zip(("r_max", "d_max"), case["renorm"]))
         layer = layer_cls(x_all.shape[1], momentum=case.get("momentum", 0.1), **kwargs)
         layer.load_state_dict(case["state"])
         outputs = []

@@ -106,6 +106,18 @@ SCENARIOS = [
     # x NCHW but dy channels_last (a permuted upstream gradient): dy read through its strides.
     scenario("mixed-dy-float32", RESNET, "float32", SM90, dy_layout="channels_last"),
 ]
+# Batch Renormalization (RENORM): r and d in the statistics kernels, γ·r in the rest; the
+# split and slab paths, both layouts, with the fused epilogue.
+SCENARIOS += [
+    scenario("renorm-nchw-float32", RESNET, "float32", BOTH, renorm=True),
+    scenario("renorm-nhwc-bfloat16", RESNET, "bfloat16", SM90, layout="channels_last",
+             param_dtype="float32", renorm=True),
+    scenario("renorm-slab-float32", SLAB, "float32", BOTH, renorm=True),
+    scenario("renorm-slab-relu-residual-float32", SLAB, "float32", SM90, renorm=True,
+             activation="relu", residual=True),
+    scenario("renorm-silu-residual-float32", RESNET, "float32", SM90, renorm=True,
+             activation="silu", residual=True),
+]
 # The flag combinations normalize_kernel and input_grad_kernel are launched with, beyond TRAIN.
 MODES = {
     # model.eval() while training the affine parameters: running stats, dγ/dβ from partials.

@@ -149,6 +149,50 @@ def test_two_ranks_uneven_batches(tmp_path):
                 "dy_sums_kernel", "input_grad_kernel"} <= set(result["launched"])
 
 
+def test_sync_batch_renorm_is_batch_renorm_of_the_whole_batch(tmp_path):
+    """SyncBatchRenorm over 2 and 3 ranks (an empty one among them): r and d from the merged
+    statistics, so each rank's slice of y and dx, the summed dγ/dβ and the running statistics
+    are those of one BatchRenorm over the whole batch; the same bits on every rank."""
+    torch.manual_seed(2)
+    limits = (1.3, 0.4)  # clips some channels, not others
+    for world, specs in ((2, {"renorm2d": ((0, 4, 5, 6), [3, 2], torch.contiguous_format),
+                              "renorm1d-channels_last": ((0, 5, 3, 3), [2, 4],
+                                                         torch.channels_last)}),
+                         (3, {"renorm-empty-rank": ((0, 3, 4, 4), [3, 0, 2],
+                                                    torch.contiguous_format)})):
+        cases = {name: dict(case(shape, sizes, fmt), renorm=limits)
+                 for name, (shape, sizes, fmt) in specs.items()}
+        folder = tmp_path / f"world{world}"
+        folder.mkdir()
+        results = spawn(world, "layer_step", {"cases": sendable(cases)}, folder)
+        for name, spec in cases.items():
+            whole = {4: bn_triton.BatchRenorm2d, 5: bn_triton.BatchRenorm3d}.get(
+                spec["x"].dim(), bn_triton.BatchRenorm1d)(spec["x"].shape[1], r_max=limits[0],
+                                                          d_max=limits[1])
+            whole.load_state_dict(spec["state"])
+            for step in range(2):
+                x = spec["x"].clone().contiguous(memory_format=spec["format"]).requires_grad_()
+                whole.zero_grad()
+                y = whole(x)
+                y.backward(spec["dy"])
+                for rank, result in enumerate(results):
+                    lo, hi = spec["slices"][rank]
+                    got = result[name]["steps"][step]
+                    torch.testing.assert_close(got["y"], y.detach()[lo:hi], **TOL)
+                    torch.testing.assert_close(got["dx"], x.grad[lo:hi], **TOL)
+                for key, param in (("dw", whole.weight), ("db", whole.bias)):
+                    total = sum(result[name]["steps"][step][key] for result in results)
+                    torch.testing.assert_close(total, param.grad, **TOL)
+            for result in results:
+                for key, value in whole.state_dict().items():
+                    assert torch.equal(result[name]["state"][key],
+                                       results[0][name]["state"][key]), key
+                    torch.testing.assert_close(result[name]["state"][key], value, **TOL)
+                assert result[name]["collectives"] == {"all_gather": 2, "all_reduce": 2}
+        for result in results:
+            assert "merge_statistics_kernel" in result["launched"]
+
+
 def test_three_ranks_with_an_empty_rank(tmp_path):
     torch.manual_seed(1)
     cases = {

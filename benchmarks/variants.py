@@ -1,0 +1,152 @@
+"""The batch-norm variants against batch norm itself: launches and bytes each training step
+requests, counted under Triton's interpreter (bn_triton.traffic), forward and backward, on
+the slab and the split path, NCHW and channels_last.
+
+    python -m benchmarks.variants [--out DIR]
+
+Batch Renormalization (bn_triton.BatchRenorm2d) runs batch norm's kernels with a constexpr
+flag: r and d are computed where the batch statistics are, from the running statistics the
+same launch reads to update them, and the backward is batch norm's with γ·r. So it must make
+the same launches (the same kernels) and request the same bytes per element; the only extra
+traffic is per channel and per program: r and d written once and read back by each program
+of a channel block, the (2,) limits, γ and the running statistics read a second time. On
+these interpreter-sized cases (M = 512 to 4096 values a channel) that is under 1% of batch
+norm's bytes (the bound checked: EXTRA_FRACTION), and a smaller share the larger M is.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+EXTRA_FRACTION = 0.01
+# (label, shape, channels_last, forced split): ResNet-like slabs and a split-sized case.
+CASES = [
+    ("slab NCHW", (8, 32, 8, 8), False, False),
+    ("slab NHWC", (8, 32, 8, 8), True, False),
+    ("split NCHW", (4, 8, 32, 32), False, True),
+    ("split NHWC", (4, 8, 32, 32), True, True),
+]
+
+
+@contextlib.contextmanager
+def forced_split(force: bool):
+    from bn_triton import plan
+
+    saved = plan.MAX_SLAB_FORWARD, plan.MAX_SLAB_BACKWARD
+    if force:
+        plan.MAX_SLAB_FORWARD = plan.MAX_SLAB_BACKWARD = 0
+    try:
+        yield
+    finally:
+        plan.MAX_SLAB_FORWARD, plan.MAX_SLAB_BACKWARD = saved
+
+
+def step_traffic(layer, x: "torch.Tensor") -> dict:
+    """Launches and bytes of one training forward and of its backward."""
+    import torch
+
+    from bn_triton import traffic
+
+    x = x.clone().requires_grad_()
+    with traffic.record() as forward:
+        y = layer(x)
+    dy = torch.ones_like(y)
+    with traffic.record() as backward:
+        torch.autograd.grad(y, (x, layer.weight, layer.bias), dy)
+    return {phase: {"launches": rec.n_launches,
+                    "kernels": [launch.kernel for launch in rec.launches],
+                    "bytes": rec.bytes_loaded + rec.bytes_stored}
+            for phase, rec in (("forward", forward), ("backward", backward))}
+
+
+def layers(C: int) -> List[tuple]:
+    """(name, layer factory)."""
+    import bn_triton
+
+    return [("BatchNorm2d", lambda: bn_triton.BatchNorm2d(C)),
+            ("BatchRenorm2d", lambda: bn_triton.BatchRenorm2d(C, r_max=1.5, d_max=0.5))]
+
+
+def measure() -> List[dict]:
+    import torch
+
+    rows = []
+    for label, shape, channels_last, split in CASES:
+        torch.manual_seed(0)
+        x = torch.randn(shape)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        with forced_split(split):
+            for name, make in layers(shape[1]):
+                counted = step_traffic(make(), x)
+                rows.append({"case": label, "shape": list(shape), "layer": name, **counted,
+                             "bytes_per_element": {
+                                 phase: round(counted[phase]["bytes"] / x.numel()
+                                              / x.element_size(), 3)
+                                 for phase in ("forward", "backward")}})
+    return rows
+
+
+def compare(rows: List[dict]) -> List[dict]:
+    """Each variant's row against batch norm's of the same case: the same kernels in the same
+    order, and at most EXTRA_FRACTION more bytes."""
+    base = {row["case"]: row for row in rows if row["layer"] == "BatchNorm2d"}
+    out = []
+    for row in rows:
+        if row["layer"] == "BatchNorm2d":
+            continue
+        ref = base[row["case"]]
+        for phase in ("forward", "backward"):
+            extra = row[phase]["bytes"] - ref[phase]["bytes"]
+            allowed = int(EXTRA_FRACTION * ref[phase]["bytes"])
+            out.append({"case": row["case"], "layer": row["layer"], "phase": phase,
+                        "launches": row[phase]["launches"],
+                        "batch_norm_launches": ref[phase]["launches"],
+                        "same_kernels": row[phase]["kernels"] == ref[phase]["kernels"],
+                        "extra_bytes": extra, "allowed_extra_bytes": allowed,
+                        "ok": (row[phase]["kernels"] == ref[phase]["kernels"]
+                               and 0 <= extra <= allowed)})
+    return out
+
+
+def table(comparison: List[dict], rows: List[dict]) -> str:
+    per_element = {(r["case"], r["layer"]): r["bytes_per_element"] for r in rows}
+    lines = ["| case | layer | phase | launches (BN's) | bytes/element (BN's) | extra bytes "
+             "(allowed) |", "|---|---|---|---|---|---|"]
+    for c in comparison:
+        ours = per_element[(c["case"], c["layer"])][c["phase"]]
+        theirs = per_element[(c["case"], "BatchNorm2d")][c["phase"]]
+        lines.append(f"| {c['case']} | {c['layer']} | {c['phase']} | {c['launches']} "
+                     f"({c['batch_norm_launches']}) | {ours} ({theirs}) | {c['extra_bytes']} "
+                     f"({c['allowed_extra_bytes']}) |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.variants",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="folder for variants.json")
+    args = parser.parse_args(argv)
+    if "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the counts need the interpreter
+    rows = measure()
+    comparison = compare(rows)
+    print(table(comparison, rows))
+    ok = all(c["ok"] for c in comparison)
+    print(f"variants make batch norm's launches, and its bytes within "
+          f"{EXTRA_FRACTION:.0%}: {'yes' if ok else 'NO'}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "variants.json").write_text(json.dumps(
+            {"rows": rows, "comparison": comparison, "ok": ok}, indent=1) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
