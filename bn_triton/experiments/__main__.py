@@ -1,4 +1,4 @@
-"""python -m bn_triton.experiments {mnist,lr-study} [--steps N] [--data DIR] [--out DIR]
+"""python -m bn_triton.experiments {mnist,lr-study,renorm} [--steps N] [--data DIR] [--out DIR]
 [--seed S] [--device D]"""
 import argparse
 import sys
@@ -13,7 +13,10 @@ def main() -> int:
     for name, out, about in (("mnist", "results/mnist/", "§4.1, Figure 1: sigmoid MLP with and "
                               "without BN"),
                              ("lr-study", "results/lr-study/", "§4.2, Figures 2/3: BN with "
-                              "higher learning rates, a small convolutional network")):
+                              "higher learning rates, a small convolutional network"),
+                             ("renorm", "results/renorm/", "Batch Renormalization (Ioffe "
+                              "2017): BN and Batch Renorm on minibatches of 4 and on "
+                              "non-i.i.d. minibatches")):
         command = commands.add_parser(name, help=about, description=about)
         command.add_argument("--steps", type=int, default=None,
                              help="training steps per network (default: the experiment's "
@@ -29,8 +32,10 @@ def main() -> int:
     rerun_with_interpreter_if_no_gpu("bn_triton.experiments", sys.argv[1:])
     if args.experiment == "mnist":
         from bn_triton.experiments import mnist as experiment
-    else:
+    elif args.experiment == "lr-study":
         from bn_triton.experiments import lr_study as experiment
+    else:
+        from bn_triton.experiments import renorm as experiment
     if args.steps is None:
         args.steps = experiment.DEFAULT_STEPS
     try:
