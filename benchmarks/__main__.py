@@ -64,7 +64,7 @@ SUBCOMMANDS = {
             "Triton's and the direct launch's µs per launch",
     "waves": "programs per SM on 132- and 108-SM GPUs, bytes in flight, access width",
     "coldstart": "specializations, compilations and tuned configs of one ResNet-50 step",
-    "variants": "Batch Renormalization against batch norm: the same launches and bytes (+ O(C))",
+    "variants": "Batch Renormalization and ghost batch norm against batch norm: launches, bytes",
 }
 
 

@@ -6,6 +6,8 @@ from .functional import batch_norm
 from .convert import convert_batchnorm, fuse_batchnorm_activations
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
                       BatchNormAct3d)
+from .ghost import (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, GhostBatchNormAct1d,
+                    GhostBatchNormAct2d, GhostBatchNormAct3d)
 from .renorm import (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormAct1d,
                      BatchRenormAct2d, BatchRenormAct3d, SyncBatchRenorm)
 from .switch import disable, enable, enabled, is_enabled
@@ -15,6 +17,8 @@ __all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNorm
            "BatchNormAct2d", "BatchNormAct3d", "SyncBatchNorm", "SyncBatchNormAct",
            "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormAct1d",
            "BatchRenormAct2d", "BatchRenormAct3d", "SyncBatchRenorm",
+           "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "GhostBatchNormAct1d",
+           "GhostBatchNormAct2d", "GhostBatchNormAct3d",
            "convert_batchnorm", "fuse_batchnorm_activations",
            "enable", "disable", "enabled", "is_enabled", "backend", "reference"]
 __version__ = "0.1.0"

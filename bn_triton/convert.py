@@ -11,8 +11,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .epilogue import Activation, activation_of_module
+from .ghost import (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, GhostBatchNormAct1d,
+                    GhostBatchNormAct2d, GhostBatchNormAct3d)
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
                       BatchNormAct3d)
+from .renorm import (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormAct1d,
+                     BatchRenormAct2d, BatchRenormAct3d)
 
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
                  nn.BatchNorm3d: BatchNorm3d}
@@ -23,7 +27,12 @@ _TO_SYNC = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, Ba
 # The batch norms fusion may replace: exactly these classes (a subclass may compute anything).
 _FUSED = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d,
           nn.BatchNorm3d: BatchNormAct3d, BatchNorm1d: BatchNormAct1d,
-          BatchNorm2d: BatchNormAct2d, BatchNorm3d: BatchNormAct3d}
+          BatchNorm2d: BatchNormAct2d, BatchNorm3d: BatchNormAct3d,
+          # The variants keep their statistics: their fused forms (r_max, d_max, the limits
+          # buffer or virtual_batch_size come along with the layer's state).
+          BatchRenorm1d: BatchRenormAct1d, BatchRenorm2d: BatchRenormAct2d,
+          BatchRenorm3d: BatchRenormAct3d, GhostBatchNorm1d: GhostBatchNormAct1d,
+          GhostBatchNorm2d: GhostBatchNormAct2d, GhostBatchNorm3d: GhostBatchNormAct3d}
 
 
 def convert_batchnorm(module: nn.Module, sync: bool = False,

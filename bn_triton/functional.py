@@ -121,6 +121,47 @@ def composed_batch_renorm(input: torch.Tensor, running_mean: torch.Tensor,
     return torch_activation(activation)(z)
 
 
+def composed_ghost_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
+                              running_var: Optional[torch.Tensor],
+                              weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                              momentum: float, eps: float, virtual_batch_size: int,
+                              residual: Optional[torch.Tensor] = None,
+                              activation: Activation = IDENTITY) -> torch.Tensor:
+    """Ghost batch norm's training forward in torch's ops, where no kernel serves it: each
+    chunk of torch.split(input, virtual_batch_size) normalized by F.batch_norm with its own
+    statistics, then one running update with the mean over the chunks of their means and
+    unbiased variances (torch's momentum rule)."""
+    chunks = torch.split(input, virtual_batch_size)
+    output = torch.cat([F.batch_norm(chunk, None, None, weight, bias, True, 0.0, eps)
+                        for chunk in chunks])
+    if running_mean is not None:
+        dims = [0, *range(2, input.dim())]
+        with torch.no_grad():
+            stats = [torch.var_mean(chunk.to(accumulation_dtype(input.dtype)), dims,
+                                    correction=1) for chunk in chunks]
+            var = torch.stack([v for v, _ in stats]).mean(0)
+            mean = torch.stack([m for _, m in stats]).mean(0)
+            running_mean.copy_((1 - momentum) * running_mean + momentum * mean)
+            running_var.copy_((1 - momentum) * running_var + momentum * var)
+    if residual is not None:
+        output = output + residual
+    return torch_activation(activation)(output)
+
+
+def check_ghost_args(input: torch.Tensor, virtual_batch_size: int) -> None:
+    """Raise torch's error for a virtual batch with one value per channel (the whole batch's
+    check, run by check_batch_norm_args, covers the rest)."""
+    spatial = input.shape[2:]
+    values = torch.Size(spatial).numel()
+    N = input.shape[0]
+    last = N - (-(-N // virtual_batch_size) - 1) * virtual_batch_size if N else 0
+    for run in {min(N, virtual_batch_size), last}:
+        if run and run * values == 1:
+            size = torch.Size([run, input.shape[1], *spatial])
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {size}")
+
+
 def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                           running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                           bias: Optional[torch.Tensor], training: bool, eps: float,
@@ -189,13 +230,15 @@ def apply_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                      activation: Optional[Activation] = None,
                      memory_efficient: bool = False,
                      group_name: Optional[str] = None,
-                     renorm_limits: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     renorm_limits: Optional[torch.Tensor] = None,
+                     virtual_batch_size: Optional[int] = None) -> torch.Tensor:
     """Batch norm (and its epilogue) of checked arguments through bn_triton's ops. With
     num_batches_tracked given, the running-average factor is 1/num_batches_tracked, read on
     the device (the modules' momentum=None). With group_name (SyncBatchNorm, training), the
     statistics span the ranks of that process group, an empty input included. With
-    renorm_limits (training): Batch Renormalization (library.batch_norm), composed of torch's
-    ops under torch.func's transforms and forward-mode AD."""
+    renorm_limits (training): Batch Renormalization (library.batch_norm), and with
+    virtual_batch_size ghost batch norm, each composed of torch's ops under torch.func's
+    transforms and forward-mode AD."""
     if input.numel() == 0 and group_name is None:
         # torch returns an empty input's output (a clone, scaled by γ and shifted by β) before
         # any kernel runs, and leaves the running statistics alone: take exactly that route.
@@ -208,13 +251,19 @@ def apply_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
     # rules fold it into a plain tensor, and the launches make that kernel-ready.
     transformed = (torch._C._are_functorch_transforms_active()
                    or torch.autograd.forward_ad._current_level >= 0)
-    if renorm_limits is not None and training and transformed:
+    if (renorm_limits is not None or virtual_batch_size is not None) and training and \
+            transformed:
         if num_batches_tracked is not None:
             momentum = 1.0 / float(num_batches_tracked)
+        if virtual_batch_size is not None:
+            return composed_ghost_batch_norm(input, running_mean, running_var, weight, bias,
+                                             momentum, eps, virtual_batch_size, residual,
+                                             activation or IDENTITY)
         return composed_batch_renorm(input, running_mean, running_var, weight, bias, momentum,
                                      eps, renorm_limits, residual, activation or IDENTITY)
     if not torch._C._are_functorch_transforms_active():
         input = kernel_ready(input)
     return library.batch_norm(input, weight, bias, running_mean, running_var,
                               num_batches_tracked, training, momentum, eps, residual,
-                              activation, memory_efficient, group_name, renorm_limits)
+                              activation, memory_efficient, group_name, renorm_limits,
+                              virtual_batch_size)

@@ -8,12 +8,15 @@ kernels through tuning.launch. No hot path copies a contiguous or channels-last 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import math
 import struct
 import threading
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import triton
 
 from . import plan as planning
 from .epilogue import IDENTITY, Activation, dz_source
@@ -154,6 +157,43 @@ def _renorm_ptrs(renorm: Optional[Renorm]) -> dict:
                 renorm_limits_ptr=None if renorm is None else renorm.limits)
 
 
+class GhostRuns(NamedTuple):
+    """Ghost batch norm's virtual batches as the kernels walk them (kernels/ghost.py): one
+    grid row each, in the plan of a full run. num_runs of them; the last holds N_last samples
+    (S_last values along S where the plan merged the batch into S); run g starts
+    g·run_step_n samples (g·run_step_s values along S) in."""
+    num_runs: int
+    N_last: int
+    S_last: int
+    run_step_n: int
+    run_step_s: int
+
+
+def ghost_runs(plan: Plan, batch: int, virtual_batch_size: int, spatial: int) -> GhostRuns:
+    """The GhostRuns of a batch of `batch` samples (`spatial` values each per channel) cut into
+    runs of virtual_batch_size, as torch.split cuts it, for the plan of one full run."""
+    num_runs = -(-batch // virtual_batch_size)
+    last = batch - (num_runs - 1) * virtual_batch_size
+    if plan.N == 1 and plan.S == virtual_batch_size * spatial and all(
+            stride_n == 0 for stride_n, _, _ in plan.strides):
+        # The plan merged the batch into S (channels_last, 2-D input): runs follow one
+        # another along S.
+        return GhostRuns(num_runs, 1, last * spatial, 0, virtual_batch_size * spatial)
+    return GhostRuns(num_runs, last, spatial, virtual_batch_size, 0)
+
+
+def _ghost_args(plan: Plan, runs: Optional[GhostRuns]) -> dict:
+    """The kernels' ghost arguments: those of `runs`, or one run that is the whole plan."""
+    if runs is None:
+        return dict(num_runs=1, N_last=plan.N, S_last=plan.S, run_step_n=0, run_step_s=0,
+                    GHOST=False)
+    return dict(runs._asdict(), GHOST=True)
+
+
+def _grid(plan: Plan, runs: Optional[GhostRuns]) -> Tuple[int, ...]:
+    return plan.grid if runs is None else plan.grid + (runs.num_runs,)
+
+
 def _running_ptrs(running_mean, running_var, num_batches_tracked) -> dict:
     """The running update's tensors: num_batches_tracked only where it gives the factor."""
     from_count = running_mean is not None and num_batches_tracked is not None
@@ -180,18 +220,21 @@ def batch_statistics(x: torch.Tensor, plan: Plan, strides: Dict[str, Strides],
                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                      num_batches_tracked: Optional[torch.Tensor], momentum: float,
                      eps: float, var: Optional[torch.Tensor] = None,
-                     renorm: Optional[Renorm] = None) -> torch.Tensor:
+                     renorm: Optional[Renorm] = None,
+                     runs: Optional[GhostRuns] = None) -> torch.Tensor:
     """Launch batch_stats_kernel: writes mean, invstd (the biased var too, if given, the
     running statistics, if given, and Batch Renormalization's r and d, if asked); returns
-    centre = mean - x[0, c, 0] for normalize_kernel."""
+    centre = mean - x[0, c, 0] for normalize_kernel. runs (ghost batch norm): every virtual
+    batch's, into (num_runs, C) rows."""
     device = x.device
-    part_mean, part_m2 = split_partials(device, plan.C, plan.num_splits, mean.dtype)
+    rows = 1 if runs is None else runs.num_runs
+    part_mean, part_m2 = split_partials(device, rows * plan.C, plan.num_splits, mean.dtype)
     centre = torch.empty_like(mean)
-    ticket_words, epoch = tickets(device, plan.grid[0])
+    ticket_words, epoch = tickets(device, rows * plan.grid[0])
     constants = _batch_stats_constants(
         plan, strides, momentum, eps, running_mean is not None,
-        num_batches_tracked is not None, var is not None, renorm is not None)
-    launch("batch_stats_kernel", plan.grid, NUM_WARPS, device, constants, x_ptr=x,
+        num_batches_tracked is not None, var is not None, renorm is not None, runs)
+    launch("batch_stats_kernel", _grid(plan, runs), NUM_WARPS, device, constants, x_ptr=x,
            part_mean_ptr=part_mean, part_m2_ptr=part_m2, tickets_ptr=ticket_words,
            epoch=epoch, mean_ptr=mean, invstd_ptr=invstd, centre_ptr=centre, var_ptr=var,
            **_running_ptrs(running_mean, running_var, num_batches_tracked),
@@ -202,9 +245,10 @@ def batch_statistics(x: torch.Tensor, plan: Plan, strides: Dict[str, Strides],
 @functools.lru_cache(maxsize=CACHED_LAUNCHES)
 def _batch_stats_constants(plan: Plan, strides: NamedStrides, momentum: float, eps: float,
                            update: bool, from_count: bool, write_var: bool,
-                           renorm: bool) -> dict:
+                           renorm: bool, runs: Optional[GhostRuns]) -> dict:
     return dict(**_running_flags(momentum, update, from_count), **plan.split_args(), M=plan.M,
                 **_float64_pair("eps", eps), **_strides(strides, "x"),
+                **_ghost_args(plan, runs),
                 BLOCK_C=plan.BLOCK_C, BLOCK_S=plan.BLOCK_S,
                 WRITE_VAR=write_var, RENORM=renorm, INT64=plan.INT64)
 
@@ -214,15 +258,17 @@ def normalize(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tensor]
               bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
               centre: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
               running_var: Optional[torch.Tensor], eps: float, activation: Activation,
-              abs_weight: bool, renorm: Optional[torch.Tensor] = None) -> None:
+              abs_weight: bool, renorm: Optional[torch.Tensor] = None,
+              runs: Optional[GhostRuns] = None) -> None:
     """Launch normalize_kernel: y from batch statistics (centre given: mean, invstd, centre
     from batch_statistics) or from the running ones (then mean and invstd are written);
     renorm: the r and d of batch_statistics (Batch Renormalization)."""
     constants = _normalize_constants(plan, strides, eps, centre is not None,
                                      weight is not None, bias is not None,
                                      residual is not None, abs_weight, activation,
-                                     renorm is not None)
-    launch("normalize_kernel", plan.grid, NUM_WARPS, x.device, constants, x_ptr=x, y_ptr=y,
+                                     renorm is not None, runs)
+    launch("normalize_kernel", _grid(plan, runs), NUM_WARPS, x.device, constants, x_ptr=x,
+           y_ptr=y,
            residual_ptr=residual, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
            invstd_ptr=invstd, centre_ptr=centre, running_mean_ptr=running_mean,
            running_var_ptr=running_var, renorm_ptr=renorm)
@@ -231,8 +277,9 @@ def normalize(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tensor]
 @functools.lru_cache(maxsize=CACHED_LAUNCHES)
 def _normalize_constants(plan: Plan, strides: NamedStrides, eps: float, batch_stats: bool,
                          has_weight: bool, has_bias: bool, has_residual: bool,
-                         abs_weight: bool, activation: Activation, renorm: bool) -> dict:
-    return dict(**plan.split_args(), **_float64_pair("eps", eps),
+                         abs_weight: bool, activation: Activation, renorm: bool,
+                         runs: Optional[GhostRuns]) -> dict:
+    return dict(**plan.split_args(), **_float64_pair("eps", eps), **_ghost_args(plan, runs),
                 **_strides(strides, "x", "y", "r"), BLOCK_C=plan.BLOCK_C,
                 BLOCK_S=plan.BLOCK_S, BATCH_STATS=batch_stats, HAS_WEIGHT=has_weight,
                 HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, ABS_WEIGHT=abs_weight,
@@ -245,16 +292,17 @@ def forward_slab(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tens
                  running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                  num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
                  activation: Activation, abs_weight: bool,
-                 renorm: Optional[Renorm] = None) -> None:
+                 renorm: Optional[Renorm] = None, runs: Optional[GhostRuns] = None,
+                 var: Optional[torch.Tensor] = None) -> None:
     """Launch forward_slab_kernel: the whole training forward in one pass (Batch
     Renormalization's too, renorm given)."""
     constants = _forward_slab_constants(
         plan, strides, momentum, eps, running_mean is not None,
         num_batches_tracked is not None, weight is not None, bias is not None,
-        residual is not None, abs_weight, activation, renorm is not None)
-    launch("forward_slab_kernel", plan.grid, plan.slab_num_warps, x.device, constants,
+        residual is not None, abs_weight, activation, renorm is not None, runs)
+    launch("forward_slab_kernel", _grid(plan, runs), plan.slab_num_warps, x.device, constants,
            x_ptr=x, y_ptr=y, residual_ptr=residual, weight_ptr=weight, bias_ptr=bias,
-           mean_ptr=mean, invstd_ptr=invstd,
+           mean_ptr=mean, invstd_ptr=invstd, var_ptr=var,
            **_running_ptrs(running_mean, running_var, num_batches_tracked),
            **_renorm_ptrs(renorm))
 
@@ -263,8 +311,10 @@ def forward_slab(x: torch.Tensor, y: torch.Tensor, residual: Optional[torch.Tens
 def _forward_slab_constants(plan: Plan, strides: NamedStrides, momentum: float, eps: float,
                             update: bool, from_count: bool, has_weight: bool, has_bias: bool,
                             has_residual: bool, abs_weight: bool,
-                            activation: Activation, renorm: bool) -> dict:
+                            activation: Activation, renorm: bool,
+                            runs: Optional[GhostRuns]) -> dict:
     return dict(**_running_flags(momentum, update, from_count), C=plan.C, N=plan.N, S=plan.S,
+                **_ghost_args(plan, runs),
                 M=plan.M, **_float64_pair("eps", eps), **_strides(strides, "x", "y", "r"),
                 BLOCK_C=plan.BLOCK_C, BLOCK_N=plan.BLOCK_N, BLOCK_S=plan.BLOCK_S,
                 HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual,
@@ -277,24 +327,26 @@ def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strid
             invstd: torch.Tensor, grad_weight: Optional[torch.Tensor],
             grad_bias: Optional[torch.Tensor], grad_residual: Optional[torch.Tensor],
             eps: float, activation: Activation, dz_from: str, xhat_from_output: bool,
-            renorm: Optional[torch.Tensor] = None, inv_count: Optional[float] = None
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
+            renorm: Optional[torch.Tensor] = None, inv_count: Optional[float] = None,
+            runs: Optional[GhostRuns] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch dy_sums_kernel: writes grad_weight / grad_bias / grad_residual (those given);
     returns the dx coefficients mean_dy, mean_dy_xhat (C,): the sums times inv_count (1/M
     when None; 1.0 gives the raw sums). `saved` holds dy and what the forward kept: x, y (the
     output) and r (the residual), by name; renorm: Batch Renormalization's (2, C) r and d
-    from the forward."""
+    from the forward; runs (ghost batch norm): every virtual batch's, mean, invstd, the
+    coefficients and grad_weight, grad_bias in (num_runs, C) rows."""
     device = mean.device
-    part_sum_dy, part_sum_dy_xmu = split_partials(device, plan.C, plan.num_splits,
+    rows = 1 if runs is None else runs.num_runs
+    part_sum_dy, part_sum_dy_xmu = split_partials(device, rows * plan.C, plan.num_splits,
                                                   mean.dtype)
     mean_dy, mean_dy_xhat = torch.empty_like(mean), torch.empty_like(mean)
-    ticket_words, epoch = tickets(device, plan.grid[0])
+    ticket_words, epoch = tickets(device, rows * plan.grid[0])
     constants = _dy_sums_constants(
         plan, strides, 1.0 / plan.M if inv_count is None else inv_count, eps,
         weight is not None, bias is not None, dz_from, xhat_from_output,
         grad_residual is not None, grad_weight is not None, grad_bias is not None, activation,
-        renorm is not None)
-    launch("dy_sums_kernel", plan.grid, NUM_WARPS, device, constants,
+        renorm is not None, runs)
+    launch("dy_sums_kernel", _grid(plan, runs), NUM_WARPS, device, constants,
            x_ptr=saved.get("x"), y_ptr=saved.get("y"), residual_ptr=saved.get("r"),
            dy_ptr=saved["dy"], grad_residual_ptr=grad_residual, weight_ptr=weight,
            bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, renorm_ptr=renorm,
@@ -309,8 +361,12 @@ def dy_sums(saved: Dict[str, torch.Tensor], plan: Plan, strides: Dict[str, Strid
 def _dy_sums_constants(plan: Plan, strides: NamedStrides, inv_count: float, eps: float,
                        has_weight: bool, has_bias: bool, dz_from: str, xhat_from_output: bool,
                        write_grad_residual: bool, write_grad_weight: bool,
-                       write_grad_bias: bool, activation: Activation, renorm: bool) -> dict:
+                       write_grad_bias: bool, activation: Activation, renorm: bool,
+                       runs: Optional[GhostRuns]) -> dict:
+    last_count = plan.M if runs is None else runs.N_last * runs.S_last
     return dict(**plan.split_args(), **_float64_pair("inv_count", inv_count),
+                **_float64_pair("inv_count_last", inv_count * plan.M / last_count),
+                **_ghost_args(plan, runs),
                 **_float64_pair("eps", eps),
                 **_strides(strides, "x", "y", "r", "dy", "dr"), BLOCK_C=plan.BLOCK_C,
                 BLOCK_S=plan.BLOCK_S, HAS_WEIGHT=has_weight,
@@ -325,14 +381,15 @@ def input_grad(saved: Dict[str, torch.Tensor], dx: torch.Tensor, plan: Plan,
                bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
                coefficients: Optional[Tuple[torch.Tensor, torch.Tensor]], eps: float,
                activation: Activation, dz_from: str, xhat_from_output: bool,
-               renorm: Optional[torch.Tensor] = None) -> None:
+               renorm: Optional[torch.Tensor] = None,
+               runs: Optional[GhostRuns] = None) -> None:
     """Launch input_grad_kernel: dx with batch statistics (coefficients from dy_sums) or with
     constant ones (coefficients None; x is read only to recompute z); renorm as dy_sums."""
     mean_dy, mean_dy_xhat = coefficients if coefficients is not None else (None, None)
     constants = _input_grad_constants(plan, strides, eps, coefficients is not None,
                                       weight is not None, bias is not None, dz_from,
-                                      xhat_from_output, activation, renorm is not None)
-    launch("input_grad_kernel", plan.grid, NUM_WARPS, mean.device, constants,
+                                      xhat_from_output, activation, renorm is not None, runs)
+    launch("input_grad_kernel", _grid(plan, runs), NUM_WARPS, mean.device, constants,
            x_ptr=saved.get("x"), y_ptr=saved.get("y"), residual_ptr=saved.get("r"),
            dy_ptr=saved["dy"], dx_ptr=dx, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
            invstd_ptr=invstd, renorm_ptr=renorm, mean_dy_ptr=mean_dy,
@@ -343,8 +400,8 @@ def input_grad(saved: Dict[str, torch.Tensor], dx: torch.Tensor, plan: Plan,
 def _input_grad_constants(plan: Plan, strides: NamedStrides, eps: float, batch_stats: bool,
                           has_weight: bool, has_bias: bool, dz_from: str,
                           xhat_from_output: bool, activation: Activation,
-                          renorm: bool) -> dict:
-    return dict(**_float64_pair("eps", eps), **plan.split_args(),
+                          renorm: bool, runs: Optional[GhostRuns]) -> dict:
+    return dict(**_float64_pair("eps", eps), **plan.split_args(), **_ghost_args(plan, runs),
                 **_strides(strides, "x", "y", "r", "dy", "dx"), BLOCK_C=plan.BLOCK_C,
                 BLOCK_S=plan.BLOCK_S, BATCH_STATS=batch_stats, HAS_WEIGHT=has_weight,
                 HAS_BIAS=has_bias, DZ_FROM=dz_from, XHAT_FROM_OUTPUT=xhat_from_output,
@@ -357,14 +414,16 @@ def backward_slab(saved: Dict[str, torch.Tensor], dx: Optional[torch.Tensor], pl
                   batch_stats: bool, grad_weight: Optional[torch.Tensor],
                   grad_bias: Optional[torch.Tensor], grad_residual: Optional[torch.Tensor],
                   eps: float, activation: Activation, dz_from: str,
-                  xhat_from_output: bool, renorm: Optional[torch.Tensor] = None) -> None:
+                  xhat_from_output: bool, renorm: Optional[torch.Tensor] = None,
+                  runs: Optional[GhostRuns] = None) -> None:
     """Launch backward_slab_kernel: dγ, dβ, d(residual) and dx (those given) in one pass;
     renorm as dy_sums."""
     constants = _backward_slab_constants(
         plan, strides, eps, batch_stats, weight is not None, bias is not None, dz_from,
         xhat_from_output, grad_weight is not None, grad_bias is not None, dx is not None,
-        grad_residual is not None, activation, renorm is not None)
-    launch("backward_slab_kernel", plan.grid, plan.slab_num_warps, mean.device, constants,
+        grad_residual is not None, activation, renorm is not None, runs)
+    launch("backward_slab_kernel", _grid(plan, runs), plan.slab_num_warps, mean.device,
+           constants,
            x_ptr=saved.get("x"), y_ptr=saved.get("y"), residual_ptr=saved.get("r"),
            dy_ptr=saved["dy"], dx_ptr=dx, grad_residual_ptr=grad_residual, weight_ptr=weight,
            bias_ptr=bias, mean_ptr=mean, invstd_ptr=invstd, renorm_ptr=renorm,
@@ -378,9 +437,10 @@ def _backward_slab_constants(plan: Plan, strides: NamedStrides, eps: float, batc
                              xhat_from_output: bool, write_grad_weight: bool,
                              write_grad_bias: bool, write_grad_input: bool,
                              write_grad_residual: bool, activation: Activation,
-                             renorm: bool) -> dict:
+                             renorm: bool, runs: Optional[GhostRuns]) -> dict:
     named = strides
     return dict(C=plan.C, N=plan.N, S=plan.S, M=plan.M, **_float64_pair("eps", eps),
+                **_ghost_args(plan, runs),
                 **_strides(named, "x", "y", "r", "dy", "dx", "dr"), BLOCK_C=plan.BLOCK_C,
                 BLOCK_N=plan.BLOCK_N, BLOCK_S=plan.BLOCK_S, BATCH_STATS=batch_stats,
                 HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, DZ_FROM=dz_from,
@@ -484,6 +544,92 @@ def _forward_launches(x, y, tensors, weight, bias, mean, invstd, running_mean, r
                   renorm=None if renorm is None else renorm.factors)
 
 
+def ghost_batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
+                             bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                             running_var: Optional[torch.Tensor],
+                             num_batches_tracked: Optional[torch.Tensor],
+                             virtual_batch_size: int, momentum: float, eps: float,
+                             residual: Optional[torch.Tensor] = None,
+                             activation: Activation = IDENTITY
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ghost batch norm's training forward of checked, non-empty arguments
+    (bn_triton::ghost_batch_norm_forward): y = act(BN_run(x) + residual), each run of
+    virtual_batch_size samples (torch.split's, the last may be shorter) normalized with its own
+    statistics, returned as (num_runs, C) mean and invstd; then, running statistics given, one
+    update with the mean over the runs of their means and unbiased variances
+    (kernels/ghost.py). The launches of batch norm over one more grid dimension, planned for
+    one full run, plus the update's."""
+    x = kernel_ready(input)
+    y = empty_output(input)
+    device, (N, C) = x.device, x.shape[:2]
+    spatial = math.prod(x.shape[2:])
+    virtual_batch_size = min(virtual_batch_size, N)  # one run: the plan of the batch itself
+    num_runs = -(-N // virtual_batch_size)
+    mean = torch.empty(num_runs, C, dtype=accumulation_dtype(x.dtype), device=device)
+    invstd, var = torch.empty_like(mean), torch.empty_like(mean)
+    weight, bias = _contiguous(weight), _contiguous(bias)
+    tensors = {"x": x, "y": y}
+    if residual is not None:
+        tensors["r"] = kernel_ready(residual)
+    budget = planning.MAX_SLAB_FORWARD // (2 if "r" in tensors else 1)
+    plan, strides = _ghost_plan((virtual_batch_size, *x.shape[1:]), tensors, device,
+                                x.element_size(), budget)
+    runs = ghost_runs(plan, N, virtual_batch_size, spatial)
+    if plan.slab:
+        forward_slab(x, y, tensors.get("r"), plan, strides, weight, bias, mean, invstd, None,
+                     None, None, momentum, eps, activation, False, runs=runs, var=var)
+    else:
+        centre = batch_statistics(x, plan, strides, mean, invstd, None, None, None, momentum,
+                                  eps, var, runs=runs)
+        normalize(x, y, tensors.get("r"), plan, strides, weight, bias, mean, invstd, centre,
+                  None, None, eps, activation, False, runs=runs)
+    if running_mean is not None:
+        with _written_in_place(running_mean) as running_mean, \
+                _written_in_place(running_var) as running_var:
+            block_c = min(triton.next_power_of_2(C), GHOST_BLOCK_C)
+            launch("ghost_running_update_kernel", (triton.cdiv(C, block_c),), NUM_WARPS,
+                   device, _ghost_update_constants(C, num_runs, plan.M,
+                                                   runs.N_last * runs.S_last, momentum,
+                                                   num_batches_tracked is not None, block_c),
+                   mean_ptr=mean, var_ptr=var, running_mean_ptr=running_mean,
+                   running_var_ptr=running_var, num_batches_tracked_ptr=num_batches_tracked)
+    return y, mean, invstd
+
+
+# Channels a program of the ghost kernels adds up over the runs (one a thread at 4 warps).
+GHOST_BLOCK_C = 128
+
+
+@functools.lru_cache(maxsize=CACHED_LAUNCHES)
+def _ghost_update_constants(C: int, num_runs: int, M: int, M_last: int, momentum: float,
+                            from_count: bool, block_c: int) -> dict:
+    return dict(C=C, num_runs=num_runs, M=M, M_last=M_last, **_float64_pair("momentum", momentum),
+                BLOCK_C=block_c, MOMENTUM_FROM_COUNT=from_count)
+
+
+def _ghost_plan(run_shape: Sequence[int], tensors: Dict[str, torch.Tensor],
+                device: torch.device, element_size: int, max_slab: Optional[int],
+                max_tile: int = planning.MAX_TILE) -> Tuple[Plan, "NamedStrides"]:
+    """_plan for one full run of ghost batch norm, with int64 offsets wherever a later run
+    needs them, and without the VECTOR hint where the last run's extent breaks it."""
+    plan, strides = _plan(run_shape, tensors, device, element_size, max_slab, max_tile)
+    whole = max(sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+                for t in tensors.values()) >= 2**31
+    if (whole and not plan.INT64) or plan.VECTOR > 1:
+        key = (plan, whole)
+        ghost_plan = _GHOST_PLANS.get(key)
+        if ghost_plan is None:
+            if len(_GHOST_PLANS) >= CACHED_LAUNCHES:
+                _GHOST_PLANS.clear()
+            ghost_plan = _GHOST_PLANS[key] = dataclasses.replace(
+                plan, INT64=plan.INT64 or whole, VECTOR=1)
+        plan = ghost_plan
+    return plan, strides
+
+
+_GHOST_PLANS: Dict[Tuple[Plan, bool], Plan] = {}
+
+
 def local_statistics(input: torch.Tensor) -> torch.Tensor:
     """A (3, C) float64 tensor of this rank's (count, mean, biased var) per channel, for
     SyncBatchNorm to gather and combine: batch_stats_kernel alone (one launch; its
@@ -511,7 +657,8 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
                         memory_efficient: bool = False, eps: float = 0.0,
                         reduce: Optional[Callable[[torch.Tensor, torch.Tensor],
                                                   Tuple[torch.Tensor, torch.Tensor]]] = None,
-                        renorm: Optional[torch.Tensor] = None
+                        renorm: Optional[torch.Tensor] = None,
+                        virtual_batch_size: Optional[int] = None
                         ) -> Tuple[Optional[torch.Tensor], ...]:
     """(dx, dγ, dβ, d(residual)) of checked arguments (bn_triton::batch_norm_backward), each
     only where output_mask asks, else None; dγ and dβ in the dtypes of weight and bias_dtype.
@@ -530,7 +677,9 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
     empty input still calls it (the other ranks wait on its collective).
 
     renorm (a training forward's Batch Renormalization): the (2, C) r and d it saved; dx
-    carries γ·r and dγ = r·Σdz·x̂ + d·Σdz (kernels/backward.py), in the same launches."""
+    carries γ·r and dγ = r·Σdz·x̂ + d·Σdz (kernels/backward.py), in the same launches.
+    virtual_batch_size (ghost batch norm, training): mean and invstd are (num_runs, C), each
+    run's dx uses its own sums, and dγ, dβ add up the runs' (sum_runs_kernel)."""
     want_dx, want_dw, want_db, want_dr = output_mask
     dz_from = dz_source(activation, has_residual, memory_efficient)
     reference = output if memory_efficient else input
@@ -578,13 +727,26 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
                 if reference.element_size() > 4 and activation.name != "identity"
                 else planning.MAX_TILE)
     synced = reduce is not None and want_dx and training
-    plan, strides = _plan(reference.shape, tensors, device, reference.element_size(),
-                          budget if need_sums and not synced else None, max_tile)
+    ghost = virtual_batch_size is not None and training
+    if ghost:
+        virtual_batch_size = min(virtual_batch_size, reference.shape[0])
+    shape = ((virtual_batch_size, *reference.shape[1:]) if ghost else reference.shape)
+    planner = _ghost_plan if ghost else _plan
+    plan, strides = planner(shape, tensors, device, reference.element_size(),
+                            budget if need_sums and not synced else None, max_tile)
     flags = dict(eps=eps, activation=activation, dz_from=dz_from,
                  xhat_from_output=memory_efficient, renorm=renorm if training else None)
+    if ghost:
+        flags["runs"] = ghost_runs(plan, reference.shape[0], virtual_batch_size,
+                                   math.prod(reference.shape[2:]))
+        final_grads = grad_weight, grad_bias
+        grad_weight = None if grad_weight is None else torch.empty_like(mean)
+        grad_bias = None if grad_bias is None else torch.empty_like(mean)
     if plan.slab:
         backward_slab(saved, dx, plan, strides, weight, bias, mean, invstd, training,
                       grad_weight, grad_bias, grad_residual, **flags)
+        if ghost:
+            return (dx, *_sum_runs(grad_weight, grad_bias, *final_grads), grad_residual)
         return dx, grad_weight, grad_bias, grad_residual
     coefficients = None
     if need_sums:
@@ -593,8 +755,8 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
             # A buffer to hand dz to the dx pass, which then reads it in place of dy: one
             # write and one read, as re-reading y or the residual would cost.
             dz = tensors["dr"] = empty_output(reference)
-            plan, strides = _plan(reference.shape, tensors, device, reference.element_size(),
-                                  None, max_tile)
+            plan, strides = planner(shape, tensors, device, reference.element_size(), None,
+                                    max_tile)
         coefficients = dy_sums(saved, plan, strides, weight, bias, mean, invstd, grad_weight,
                                grad_bias, dz, **flags, inv_count=1.0 if synced else None)
         if synced:  # raw sums in, coefficients over every rank out
@@ -606,7 +768,34 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
     if want_dx:
         input_grad(saved, dx, plan, strides, weight, bias, mean, invstd,
                    coefficients if training else None, **flags)
+    if ghost:
+        return (dx, *_sum_runs(grad_weight, grad_bias, *final_grads), grad_residual)
     return dx, grad_weight, grad_bias, grad_residual
+
+
+def _sum_runs(grad_weight_runs: Optional[torch.Tensor], grad_bias_runs: Optional[torch.Tensor],
+              grad_weight: Optional[torch.Tensor], grad_bias: Optional[torch.Tensor]
+              ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Launch sum_runs_kernel: ghost batch norm's dγ and dβ, the (num_runs, C) rows of each
+    run's added up (those asked for)."""
+    if grad_weight is None and grad_bias is None:
+        return None, None
+    runs_of = grad_weight_runs if grad_weight_runs is not None else grad_bias_runs
+    num_runs, C = runs_of.shape
+    block_c = min(triton.next_power_of_2(C), GHOST_BLOCK_C)
+    launch("sum_runs_kernel", (triton.cdiv(C, block_c),), NUM_WARPS, runs_of.device,
+           _sum_runs_constants(C, num_runs, block_c, grad_weight is not None,
+                               grad_bias is not None),
+           grad_weight_runs_ptr=grad_weight_runs, grad_bias_runs_ptr=grad_bias_runs,
+           grad_weight_ptr=grad_weight, grad_bias_ptr=grad_bias)
+    return grad_weight, grad_bias
+
+
+@functools.lru_cache(maxsize=CACHED_LAUNCHES)
+def _sum_runs_constants(C: int, num_runs: int, block_c: int, write_grad_weight: bool,
+                        write_grad_bias: bool) -> dict:
+    return dict(C=C, num_runs=num_runs, BLOCK_C=block_c, WRITE_GRAD_WEIGHT=write_grad_weight,
+                WRITE_GRAD_BIAS=write_grad_bias)
 
 
 def _strided(t: Optional[torch.Tensor]) -> bool:

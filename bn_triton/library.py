@@ -10,7 +10,9 @@
 (the schemas in full, with the epilogue's arguments, are the functions below), their
 SyncBatchNorm forms sync_batch_norm_forward/backward, and Batch Renormalization's
 batch_renorm_forward/backward and sync_batch_renorm_forward/backward, which add the (2,)
-renorm_limits (r_max, d_max) and return and take the (2, C) r and d.
+renorm_limits (r_max, d_max) and return and take the (2, C) r and d, and ghost batch norm's
+ghost_batch_norm_forward/backward, which take virtual_batch_size and whose mean and invstd
+are (num_runs, C).
 
 These are what Dynamo, AOTAutograd, torch.export and the ATen switch (switch.py) see: Python
 launch code and Triton's interpreter run inside the ops' kernels, never under a tracer. The ops
@@ -50,6 +52,9 @@ DOUBLE_BACKWARD_SYNC = (
     "its statistics span the ranks of the process group")
 DOUBLE_BACKWARD_RENORM = (
     "bn_triton's Batch Renormalization does not support double backward (a gradient of its "
+    "gradient)")
+DOUBLE_BACKWARD_VARIANT = (
+    "bn_triton's ghost batch norm does not support double backward (a gradient of its "
     "gradient)")
 DOUBLE_BACKWARD_MEMORY_EFFICIENT = (
     "bn_triton's batch norm with memory_efficient=True does not support double backward (a "
@@ -318,6 +323,69 @@ def _(grad_output, input, output, residual, weight, bias, mean, invstd, count, r
                           activation_param, False, eps)
 
 
+@torch.library.custom_op("bn_triton::ghost_batch_norm_forward",
+                         mutates_args=("running_mean", "running_var"))
+def ghost_batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
+                             bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                             running_var: Optional[torch.Tensor],
+                             num_batches_tracked: Optional[torch.Tensor],
+                             virtual_batch_size: int, momentum: float, eps: float,
+                             residual: Optional[torch.Tensor] = None,
+                             activation: str = "identity", activation_param: float = 0.0
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ghost batch norm's training forward (kernels/ghost.py): output = act(BN_run(x) +
+    residual) with every run of virtual_batch_size samples (torch.split's) normalized by its
+    own statistics, mean and invstd (num_runs, C); the running statistics, when given,
+    updated once with the mean over the runs of their means and unbiased variances."""
+    _require_kernels("ghost_batch_norm_forward", input)
+    return launch.ghost_batch_norm_forward(input, weight, bias, running_mean, running_var,
+                                           num_batches_tracked, virtual_batch_size, momentum,
+                                           eps, residual, Activation(activation,
+                                                                     activation_param))
+
+
+@ghost_batch_norm_forward.register_fake
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, virtual_batch_size,
+      momentum, eps, residual=None, activation="identity", activation_param=0.0):
+    num_runs = -(-input.shape[0] // virtual_batch_size)
+    mean = input.new_empty((num_runs, input.shape[1]), dtype=accumulation_dtype(input.dtype))
+    return empty_output(input), mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("bn_triton::ghost_batch_norm_backward", mutates_args=())
+def ghost_batch_norm_backward(grad_output: torch.Tensor, input: torch.Tensor,
+                              output: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                              weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                              mean: torch.Tensor, invstd: torch.Tensor,
+                              virtual_batch_size: int, output_mask: List[bool],
+                              bias_dtype: Optional[torch.dtype], has_residual: bool = False,
+                              activation: str = "identity", activation_param: float = 0.0,
+                              eps: float = 0.0
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor]:
+    """batch_norm_backward (training) of ghost_batch_norm_forward: each run's dx from its
+    own statistics and sums, dγ and dβ over every run; the same outputs and conventions."""
+    _require_kernels("ghost_batch_norm_backward", input)
+    grads = launch.batch_norm_backward(grad_output, input, output, residual, weight, bias, mean,
+                                       invstd, True, output_mask, bias_dtype, has_residual,
+                                       Activation(activation, activation_param), False, eps,
+                                       virtual_batch_size=virtual_batch_size)
+    return tuple(grad if grad is not None else input.new_empty((0,)) for grad in grads)
+
+
+@ghost_batch_norm_backward.register_fake
+def _(grad_output, input, output, residual, weight, bias, mean, invstd, virtual_batch_size,
+      output_mask, bias_dtype, has_residual=False, activation="identity", activation_param=0.0,
+      eps=0.0):
+    return _backward_fake(grad_output, input, output, residual, weight, bias, mean, invstd,
+                          True, output_mask, bias_dtype, has_residual, activation,
+                          activation_param, False, eps)
+
+
+def _no_variant_double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_VARIANT)
+
+
 def _no_renorm_double_backward(ctx, *grads):
     raise RuntimeError(DOUBLE_BACKWARD_RENORM)
 
@@ -325,6 +393,9 @@ def _no_renorm_double_backward(ctx, *grads):
 for _op in ("batch_renorm_backward", "sync_batch_renorm_backward"):
     torch.library.register_autograd(f"bn_triton::{_op}", _no_renorm_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
+torch.library.register_autograd("bn_triton::ghost_batch_norm_backward",
+                                _no_variant_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 def _setup_backward_of_backward(ctx, inputs, output):
@@ -456,7 +527,8 @@ def _save_for_backward(ctx, input: torch.Tensor, weight: Optional[torch.Tensor],
                        output: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                        count: Optional[torch.Tensor], training: bool, eps: float,
                        activation: Activation, memory_efficient: bool,
-                       group_name: Optional[str], renorm: Optional[torch.Tensor] = None) -> None:
+                       group_name: Optional[str], renorm: Optional[torch.Tensor] = None,
+                       virtual_batch_size: Optional[int] = None) -> None:
     """What backward needs, on ctx: mean, invstd, weight and what epilogue.dz_source names (x,
     never x̂; or y alone in the memory-saving mode; y or the residual where a residual meets
     an activation)."""
@@ -468,6 +540,7 @@ def _save_for_backward(ctx, input: torch.Tensor, weight: Optional[torch.Tensor],
                           residual if dz_from == "x_residual" else None, weight,
                           bias if keep_bias else None, mean, invstd, count, renorm)
     ctx.group_name = group_name
+    ctx.virtual_batch_size = virtual_batch_size if training else None
     ctx.training, ctx.eps = training, eps
     ctx.activation, ctx.activation_param = activation.name, activation.param
     ctx.epilogue_activation = activation  # the object itself: a frozen dataclass is slow to build
@@ -488,7 +561,12 @@ def _input_grads(ctx, grad_output: torch.Tensor, through_ops: bool):
     epilogue = (ctx.has_residual, ctx.activation, ctx.activation_param, ctx.memory_efficient,
                 ctx.eps)
     transformed = torch._C._are_functorch_transforms_active()
-    if renorm is not None and ctx.group_name is not None:
+    if ctx.virtual_batch_size is not None and through_ops:
+        grads = torch.ops.bn_triton.ghost_batch_norm_backward(
+            grad_output, input, output, residual, weight, bias, mean, invstd,
+            ctx.virtual_batch_size, output_mask, ctx.bias_dtype, ctx.has_residual,
+            ctx.activation, ctx.activation_param, ctx.eps)
+    elif renorm is not None and ctx.group_name is not None:
         grads = torch.ops.bn_triton.sync_batch_renorm_backward(
             grad_output, input, output, residual, weight, bias, mean, invstd, count, renorm,
             output_mask, ctx.bias_dtype, ctx.group_name, ctx.has_residual, ctx.activation,
@@ -518,7 +596,8 @@ def _input_grads(ctx, grad_output: torch.Tensor, through_ops: bool):
         grads = launch.batch_norm_backward(
             grad_output, input, output, residual, weight, bias, mean, invstd, ctx.training,
             output_mask, ctx.bias_dtype, ctx.has_residual,
-            ctx.epilogue_activation, ctx.memory_efficient, ctx.eps, renorm=renorm)
+            ctx.epilogue_activation, ctx.memory_efficient, ctx.eps, renorm=renorm,
+            virtual_batch_size=ctx.virtual_batch_size)
     grad_input, grad_weight, grad_bias, grad_residual = [
         grad if wanted else None for grad, wanted in zip(grads, output_mask)]
     if needs[9] and not residual_from_kernel:
@@ -640,6 +719,39 @@ class BatchRenormFunction(torch.autograd.Function):
                 grad_residual, None, None, None)
 
 
+class GhostBatchNormFunction(torch.autograd.Function):
+    """Ghost batch norm in training through its two ops (ghost_batch_norm_forward and
+    ghost_batch_norm_backward): what every tracer and mode sees."""
+
+    @staticmethod
+    def forward(input: torch.Tensor, weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
+                virtual_batch_size: int, momentum: float, eps: float,
+                residual: Optional[torch.Tensor], activation: str, activation_param: float):
+        return torch.ops.bn_triton.ghost_batch_norm_forward(
+            input, weight, bias, running_mean, running_var, num_batches_tracked,
+            virtual_batch_size, momentum, eps, residual, activation, activation_param)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (input, weight, bias, _, _, _, virtual_batch_size, _, eps, residual, activation,
+         activation_param) = inputs
+        output, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        _save_for_backward(ctx, input, weight, bias, residual, output, mean, invstd, None, True,
+                           eps, Activation(activation, activation_param), False, None, None,
+                           virtual_batch_size)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_grad_statistics):
+        if grad_output is None:
+            return (None,) * 12
+        grad_input, grad_weight, grad_bias, grad_residual = _input_grads(ctx, grad_output, True)
+        return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None,
+                grad_residual, None, None)
+
+
 class EagerBatchNormFunction(torch.autograd.Function):
     """BatchNormFunction's forward and backward with the launches called directly: the same
     kernels, saved tensors and gradients, without the two custom-op dispatches and the
@@ -654,12 +766,15 @@ class EagerBatchNormFunction(torch.autograd.Function):
                 running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
                 training: bool, momentum: float, eps: float, residual: Optional[torch.Tensor],
                 activation: Activation, memory_efficient: bool,
-                renorm_limits: Optional[torch.Tensor]) -> torch.Tensor:
+                renorm_limits: Optional[torch.Tensor],
+                virtual_batch_size: Optional[int]) -> torch.Tensor:
         output, mean, invstd, factors = _launch_forward(
             input, weight, bias, running_mean, running_var, num_batches_tracked, training,
-            momentum, eps, residual, activation, memory_efficient, renorm_limits)
+            momentum, eps, residual, activation, memory_efficient, renorm_limits,
+            virtual_batch_size)
         _save_for_backward(ctx, input, weight, bias, residual, output, mean, invstd, None,
-                           training, eps, activation, memory_efficient, None, factors)
+                           training, eps, activation, memory_efficient, None, factors,
+                           virtual_batch_size)
         return output
 
     @staticmethod
@@ -667,16 +782,24 @@ class EagerBatchNormFunction(torch.autograd.Function):
         grad_input, grad_weight, grad_bias, grad_residual = _input_grads(
             ctx, grad_output, torch.is_grad_enabled())
         return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None,
-                grad_residual, None, None, None)
+                grad_residual, None, None, None, None)
 
 
 def _launch_forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
                     training, momentum, eps, residual, activation, memory_efficient,
-                    renorm_limits=None):
+                    renorm_limits=None, virtual_batch_size=None):
     """batch_norm_forward's launches (batch_renorm_forward's, renorm_limits given in
     training), called directly, with the op's effect on autograd's version counters: a
     running statistic written in place counts as modified. (output, mean, invstd, the renorm
-    factors or None)."""
+    factors or None). virtual_batch_size (training): ghost batch norm's launches, whose mean
+    and invstd are (num_runs, C)."""
+    if virtual_batch_size is not None and training:
+        output, mean, invstd = launch.ghost_batch_norm_forward(
+            input, weight, bias, running_mean, running_var, num_batches_tracked,
+            virtual_batch_size, momentum, eps, residual, activation)
+        if running_mean is not None:
+            torch.autograd.graph.increment_version((running_mean, running_var))
+        return output, mean, invstd, None
     renorm = None
     if renorm_limits is not None and training:
         renorm = launch.Renorm(input.new_empty((2, input.shape[1]),
@@ -723,7 +846,8 @@ def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
                eps: float, residual: Optional[torch.Tensor] = None,
                activation: Optional[Activation] = None, memory_efficient: bool = False,
                group_name: Optional[str] = None,
-               renorm_limits: Optional[torch.Tensor] = None) -> torch.Tensor:
+               renorm_limits: Optional[torch.Tensor] = None,
+               virtual_batch_size: Optional[int] = None) -> torch.Tensor:
     """The differentiable act(batch_norm(x) + residual) over the ops: batch_norm_forward's
     output (sync_batch_norm_forward's, with statistics across the ranks of the process group
     named group_name, given). activation None is the identity.
@@ -735,9 +859,11 @@ def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
 
     renorm_limits (training, running statistics given): Batch Renormalization with the
     (r_max, d_max) of that (2,) tensor, through batch_renorm_forward/backward (BatchRenormFunction)
-    or their launches. Not under torch.func's transforms (functional.py composes it there)."""
-    if renorm_limits is not None and not training:
-        renorm_limits = None  # eval: batch norm with the running statistics
+    or their launches. virtual_batch_size (training): ghost batch norm, through
+    ghost_batch_norm_forward/backward (GhostBatchNormFunction) or their launches. Neither
+    under torch.func's transforms (functional.py composes them there)."""
+    if not training:  # eval: batch norm with the running statistics
+        renorm_limits = virtual_batch_size = None
     # The activation goes in as its name and parameter, literals where there is none: under
     # torch.compile(dynamic=True) Dynamo turns a float read from a shared object into a
     # symbolic input, which it cannot lift into the autograd.Function's graph.
@@ -748,11 +874,17 @@ def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
                                            for t in (input, weight, bias, residual)):
             return EagerBatchNormFunction.apply(
                 input, weight, bias, running_mean, running_var, num_batches_tracked, training,
-                momentum, eps, residual, activation, memory_efficient, renorm_limits)
+                momentum, eps, residual, activation, memory_efficient, renorm_limits,
+                virtual_batch_size)
         return _launch_forward(input, weight, bias, running_mean, running_var,
                                num_batches_tracked, training, momentum, eps, residual,
-                               activation, memory_efficient, renorm_limits)[0]
+                               activation, memory_efficient, renorm_limits,
+                               virtual_batch_size)[0]
     name, param = (activation.name, activation.param) if activation else ("identity", 0.0)
+    if virtual_batch_size is not None:
+        return GhostBatchNormFunction.apply(input, weight, bias, running_mean, running_var,
+                                            num_batches_tracked, virtual_batch_size, momentum,
+                                            eps, residual, name, param)[0]
     if renorm_limits is not None:
         return BatchRenormFunction.apply(input, weight, bias, running_mean, running_var,
                                          num_batches_tracked, renorm_limits, momentum, eps,

@@ -9,8 +9,8 @@ from torch import fx, nn
 from .dispatch import TORCH, backend
 from .epilogue import (IDENTITY, Activation, activation_of_layer, check_memory_efficient,
                        torch_activation)
-from .functional import (apply_batch_norm, check_batch_norm_args, composed_batch_norm,
-                         composed_batch_renorm)
+from .functional import (apply_batch_norm, check_batch_norm_args, check_ghost_args,
+                         composed_batch_norm, composed_batch_renorm, composed_ghost_batch_norm)
 
 
 def traced_as_leaf(forward: Callable) -> Callable:
@@ -53,10 +53,12 @@ class _TritonBatchNorm:
     def _batch_norm(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None,
                     activation: Optional[Activation] = None,
                     memory_efficient: bool = False,
-                    renorm_limits: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    renorm_limits: Optional[torch.Tensor] = None,
+                    virtual_batch_size: Optional[int] = None) -> torch.Tensor:
         """torch's bookkeeping (num_batches_tracked, momentum=None, which statistics), then the
         batch norm and its epilogue: on the kernels, or in torch's ops where none serves.
-        renorm_limits: Batch Renormalization's (r_max, d_max) in training (renorm.py)."""
+        renorm_limits: Batch Renormalization's (r_max, d_max) in training (renorm.py);
+        virtual_batch_size: ghost batch norm's in training (ghost.py)."""
         self._check_input_dim(input)
         # Each parameter and buffer read once: nn.Module.__getattr__ is ~1 µs a lookup.
         running_mean, running_var = self.running_mean, self.running_var
@@ -72,6 +74,10 @@ class _TritonBatchNorm:
         # (torch's own module has already incremented num_batches_tracked by then).
         check_batch_norm_args(input, running_mean, running_var, weight, bias, bn_training,
                               self.eps)
+        if not training:
+            virtual_batch_size = None  # eval: batch norm's, with the running statistics
+        if virtual_batch_size is not None:
+            check_ghost_args(input, virtual_batch_size)
         momentum = 0.0 if self.momentum is None else self.momentum
         num_batches_tracked = None
         if training and tracking:
@@ -87,6 +93,10 @@ class _TritonBatchNorm:
         if backend(input) == TORCH:
             if num_batches_tracked is not None:
                 momentum = 1.0 / float(num_batches_tracked)
+            if virtual_batch_size is not None and input.numel() > 0:
+                return composed_ghost_batch_norm(input, running_mean, running_var, weight, bias,
+                                                 momentum, self.eps, virtual_batch_size,
+                                                 residual, activation or IDENTITY)
             if renorm_limits is not None and input.numel() > 0:
                 return composed_batch_renorm(input, running_mean, running_var, weight, bias,
                                              momentum, self.eps, renorm_limits, residual,
@@ -97,7 +107,8 @@ class _TritonBatchNorm:
         return apply_batch_norm(input, running_mean, running_var, weight, bias, bn_training,
                                 momentum, self.eps, num_batches_tracked, residual=residual,
                                 activation=activation, memory_efficient=memory_efficient,
-                                renorm_limits=renorm_limits)
+                                renorm_limits=renorm_limits,
+                                virtual_batch_size=virtual_batch_size)
 
 
 class BatchNorm1d(_TritonBatchNorm, nn.BatchNorm1d):

@@ -138,3 +138,42 @@ def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
     return y
+
+
+# --- Ghost batch norm (Hoffer et al., 2017, arXiv:1705.08741) --------------------------------
+# Each run of torch.split(x, virtual_batch_size) normalized by Algorithm 1 over that run alone;
+# the running statistics updated once per forward, with the unweighted mean over the runs of
+# their means and of their unbiased variances m_g/(m_g - 1)·σ²_g.
+
+def ghost_batch_norm_train(x: torch.Tensor, virtual_batch_size: int,
+                           weight: Optional[torch.Tensor] = None,
+                           bias: Optional[torch.Tensor] = None, eps: float = 1e-5
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean over the runs of μ_run, mean over the runs of the unbiased σ²_run) in float64;
+    y differentiable in x, weight and bias."""
+    outputs, means, variances = [], [], []
+    for run in torch.split(x, virtual_batch_size):
+        y, mean, var = batch_norm_train(run, weight, bias, eps)
+        m = run.numel() // run.size(1)
+        outputs.append(y)
+        means.append(mean)
+        variances.append(var * m / (m - 1))
+    return (torch.cat(outputs), torch.stack(means).mean(0).detach(),
+            torch.stack(variances).mean(0).detach())
+
+
+def ghost_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor],
+                     running_var: Optional[torch.Tensor], virtual_batch_size: int,
+                     weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                     training: bool = False, momentum: float = 0.1, eps: float = 1e-5
+                     ) -> torch.Tensor:
+    """A GhostBatchNorm layer's contract in float64: returns y and, in training with running
+    statistics, overwrites them with their one update of this forward."""
+    if not training:
+        return batch_norm_infer(x, running_mean, running_var, weight, bias, eps)
+    y, mean, var = ghost_batch_norm_train(x, virtual_batch_size, weight, bias, eps)
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_((1 - momentum) * running_mean.double() + momentum * mean)
+            running_var.copy_((1 - momentum) * running_var.double() + momentum * var)
+    return y

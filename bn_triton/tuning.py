@@ -78,7 +78,8 @@ MIN_VALUES_PER_THREAD = 4
 # 1 ms, so 20 ms still gives tens to thousands of runs for do_bench's median.
 BENCH_WARMUP_MS, BENCH_REP_MS = 5, 20
 KERNELS = ("batch_stats_kernel", "normalize_kernel", "forward_slab_kernel", "dy_sums_kernel",
-           "input_grad_kernel", "backward_slab_kernel", "merge_statistics_kernel")
+           "input_grad_kernel", "backward_slab_kernel", "merge_statistics_kernel",
+           "ghost_running_update_kernel", "sum_runs_kernel")
 
 
 def tuning_key(name: str, arguments: dict) -> tuple:

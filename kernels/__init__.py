@@ -14,11 +14,14 @@ place. M = N·S values belong to each channel. Two paths:
 - forward.py   normalize_kernel (split / eval), forward_slab_kernel
 - backward.py  dy_sums_kernel + input_grad_kernel (split), backward_slab_kernel
 - merge.py     merge_statistics_kernel (SyncBatchNorm: every rank's statistics, merged)
+- ghost.py     ghost_running_update_kernel, sum_runs_kernel (ghost batch norm: what spans the
+               virtual batches the kernels above normalize one grid row each)
 
 Reference: S. Ioffe and C. Szegedy, Batch Normalization, arXiv:1502.03167, Algorithm 1.
 """
 from .backward import backward_slab_kernel, dy_sums_kernel, input_grad_kernel
 from .forward import forward_slab_kernel, normalize_kernel
+from .ghost import ghost_running_update_kernel, sum_runs_kernel
 from .merge import merge_statistics_kernel
 from .stats import batch_stats_kernel
 
@@ -26,4 +29,5 @@ from .stats import batch_stats_kernel
 # front-end scenarios of tests/test_compile.py (which require every name here): its launch
 # needs a process group, which those single-process meta-tensor calls do not have.
 __all__ = ["batch_stats_kernel", "normalize_kernel", "forward_slab_kernel", "dy_sums_kernel",
-           "input_grad_kernel", "backward_slab_kernel"]
+           "input_grad_kernel", "backward_slab_kernel", "ghost_running_update_kernel",
+           "sum_runs_kernel"]

@@ -32,7 +32,8 @@ import triton.language as tl
 from . import activations
 from .forward import slab_offsets
 from .stats import (COMBINE_TILE, SPLIT_COUNTS, channel_scale, channel_shift, divide,
-                    finished_last, renorm_affine, split_range, tile_offsets)
+                    finished_last, ghost_run, renorm_affine, run_offset, split_range,
+                    tile_offsets)
 
 
 @triton.jit
@@ -153,6 +154,7 @@ def dy_sums_kernel(
     epoch, mean_dy_ptr, mean_dy_xhat_ptr, grad_weight_ptr, grad_bias_ptr,
     C, S, inv_count, inv_count_lo, eps, eps_lo, act_param, act_param_lo,
     tiles_per_n, num_tiles, tiles_per_split, num_splits,
+    num_runs, N_last, S_last, run_step_n, run_step_s, inv_count_last, inv_count_last_lo,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs, stride_dyn, stride_dyc, stride_dys,
     stride_drn, stride_drc, stride_drs,
@@ -160,7 +162,7 @@ def dy_sums_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     DZ_FROM: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
     WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr, RENORM: tl.constexpr,
-    INT64: tl.constexpr, VECTOR: tl.constexpr = 1,
+    GHOST: tl.constexpr, INT64: tl.constexpr, VECTOR: tl.constexpr = 1,
 ):
     """sum_dy = Σ dz and sum_dy_xhat = invstd·Σ dz·(x - mean) of every channel (dz = dy
     without an activation; see the module docstring).
@@ -173,10 +175,42 @@ def dy_sums_kernel(
     mean_dy = sum_dy/M,
     mean_dy_xhat = sum_dy_xhat/M (accumulation dtype), with 1/M given as
     inv_count + inv_count_lo. x, y, residual, dy, grad_residual: (N, C, S), each with its own
-    strides. mean, invstd: (C,)."""
+    strides. mean, invstd: (C,). GHOST (ghost batch norm): grid (cdiv(C, BLOCK_C),
+    num_splits, num_runs), program (pid_c, k, g) does the above for virtual batch g alone
+    (stats.ghost_run, stats.run_offset; 1/M of the last run inv_count_last), with row g of
+    mean, invstd, the coefficients and grad_weight, grad_bias: (num_runs, C), which
+    sum_runs_kernel adds up."""
     acc_dtype = mean_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
+    if GHOST:
+        run = tl.program_id(2)
+        N_run, S = ghost_run(run, num_runs, num_tiles // tiles_per_n, S, N_last, S_last)
+        tiles_per_n = tl.cdiv(S, BLOCK_S)
+        num_tiles = N_run * tiles_per_n
+        if run == num_runs - 1:
+            inv_count = inv_count_last
+            inv_count_lo = inv_count_last_lo
+        x_ptr += run_offset(run, run_step_n, run_step_s, stride_xn, stride_xs, INT64)
+        if DZ_FROM == "output":
+            y_ptr += run_offset(run, run_step_n, run_step_s, stride_yn, stride_ys, INT64)
+        if DZ_FROM == "x_residual":
+            residual_ptr += run_offset(run, run_step_n, run_step_s, stride_rn, stride_rs, INT64)
+        dy_ptr += run_offset(run, run_step_n, run_step_s, stride_dyn, stride_dys, INT64)
+        if WRITE_GRAD_RESIDUAL:
+            grad_residual_ptr += run_offset(run, run_step_n, run_step_s, stride_drn,
+                                            stride_drs, INT64)
+        mean_ptr += run * C
+        invstd_ptr += run * C
+        part_sum_dy_ptr += run * C * num_splits
+        part_sum_dy_xmu_ptr += run * C * num_splits
+        tickets_ptr += run * tl.num_programs(0)
+        mean_dy_ptr += run * C
+        mean_dy_xhat_ptr += run * C
+        if WRITE_GRAD_WEIGHT:
+            grad_weight_ptr += run * C
+        if WRITE_GRAD_BIAS:
+            grad_bias_ptr += run * C
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean, invstd, scale, shift, inv_scale, param = channel_terms(
@@ -240,22 +274,41 @@ def input_grad_kernel(
     x_ptr, y_ptr, residual_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
     renorm_ptr, mean_dy_ptr, mean_dy_xhat_ptr, C, S, eps, eps_lo, act_param, act_param_lo,
     tiles_per_n, num_tiles, tiles_per_split, num_splits,
+    num_runs, N_last, S_last, run_step_n, run_step_s,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs, stride_dyn, stride_dyc, stride_dys,
     stride_dxn, stride_dxc, stride_dxs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BATCH_STATS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     DZ_FROM: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr, RENORM: tl.constexpr,
-    INT64: tl.constexpr, VECTOR: tl.constexpr = 1,
+    GHOST: tl.constexpr, INT64: tl.constexpr, VECTOR: tl.constexpr = 1,
 ):
     """dx = γ·invstd·(dz - mean_dy - (x - mean)·invstd·mean_dy_xhat) with batch statistics
     (BATCH_STATS, coefficients from dy_sums_kernel), dx = γ·invstd·dz otherwise (x read only
     to recompute z).
 
     Grid (cdiv(C, BLOCK_C), num_splits). x, y, residual, dy, dx: (N, C, S), each with its own
-    strides; weight, bias: (C,) or absent; mean, invstd, mean_dy, mean_dy_xhat: (C,)."""
+    strides; weight, bias: (C,) or absent; mean, invstd, mean_dy, mean_dy_xhat: (C,).
+    GHOST: grid (cdiv(C, BLOCK_C), num_splits, num_runs), program (pid_c, k, g) writes dx of
+    virtual batch g from row g of mean, invstd, mean_dy, mean_dy_xhat: (num_runs, C)."""
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
+    if GHOST:
+        run = tl.program_id(2)
+        N_run, S = ghost_run(run, num_runs, num_tiles // tiles_per_n, S, N_last, S_last)
+        tiles_per_n = tl.cdiv(S, BLOCK_S)
+        num_tiles = N_run * tiles_per_n
+        x_ptr += run_offset(run, run_step_n, run_step_s, stride_xn, stride_xs, INT64)
+        if DZ_FROM == "output":
+            y_ptr += run_offset(run, run_step_n, run_step_s, stride_yn, stride_ys, INT64)
+        if DZ_FROM == "x_residual":
+            residual_ptr += run_offset(run, run_step_n, run_step_s, stride_rn, stride_rs, INT64)
+        dy_ptr += run_offset(run, run_step_n, run_step_s, stride_dyn, stride_dys, INT64)
+        dx_ptr += run_offset(run, run_step_n, run_step_s, stride_dxn, stride_dxs, INT64)
+        mean_ptr += run * C
+        invstd_ptr += run * C
+        mean_dy_ptr += run * C
+        mean_dy_xhat_ptr += run * C
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean, invstd, scale, shift, inv_scale, param = channel_terms(
@@ -286,6 +339,7 @@ def backward_slab_kernel(
     x_ptr, y_ptr, residual_ptr, dy_ptr, dx_ptr, grad_residual_ptr, weight_ptr, bias_ptr,
     mean_ptr, invstd_ptr, renorm_ptr, grad_weight_ptr, grad_bias_ptr,
     C, N, S, M, eps, eps_lo, act_param, act_param_lo,
+    num_runs, N_last, S_last, run_step_n, run_step_s,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs, stride_dyn, stride_dyc, stride_dys,
     stride_dxn, stride_dxc, stride_dxs, stride_drn, stride_drc, stride_drs,
@@ -294,7 +348,7 @@ def backward_slab_kernel(
     ACTIVATION: tl.constexpr, DZ_FROM: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr,
     WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
     WRITE_GRAD_INPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr, RENORM: tl.constexpr,
-    INT64: tl.constexpr, X_LIKE_DY: tl.constexpr,
+    GHOST: tl.constexpr, INT64: tl.constexpr, X_LIKE_DY: tl.constexpr,
 ):
     """dγ, dβ, d(residual) and dx of whole channels held in registers: one read of x (or y) and
     dy, one write of dx.
@@ -306,9 +360,33 @@ def backward_slab_kernel(
     grad_residual: (N, C, S), each with its own strides; weight, bias: (C,) or absent.
     X_LIKE_DY: x has dy's strides, and one set of offsets addresses both, which leaves the
     registers of the other to the slab (a full 16-warp slab of 7x7 maps, whose rows load as
-    scalars, spilled 4 bytes on sm_90 under Triton 3.6 without it)."""
+    scalars, spilled 4 bytes on sm_90 under Triton 3.6 without it). GHOST (ghost batch
+    norm): grid (cdiv(C, BLOCK_C), num_runs), program (pid_c, g) does the above for virtual
+    batch g alone (stats.ghost_run, stats.run_offset), from row g of mean and invstd and into
+    row g of grad_weight and grad_bias: (num_runs, C), which sum_runs_kernel adds up."""
     acc_dtype = mean_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
+    if GHOST:
+        run = tl.program_id(1)
+        N, S = ghost_run(run, num_runs, N, S, N_last, S_last)
+        M = N * S
+        x_ptr += run_offset(run, run_step_n, run_step_s, stride_xn, stride_xs, INT64)
+        if DZ_FROM == "output":
+            y_ptr += run_offset(run, run_step_n, run_step_s, stride_yn, stride_ys, INT64)
+        if DZ_FROM == "x_residual":
+            residual_ptr += run_offset(run, run_step_n, run_step_s, stride_rn, stride_rs, INT64)
+        dy_ptr += run_offset(run, run_step_n, run_step_s, stride_dyn, stride_dys, INT64)
+        if WRITE_GRAD_INPUT:
+            dx_ptr += run_offset(run, run_step_n, run_step_s, stride_dxn, stride_dxs, INT64)
+        if WRITE_GRAD_RESIDUAL:
+            grad_residual_ptr += run_offset(run, run_step_n, run_step_s, stride_drn,
+                                            stride_drs, INT64)
+        mean_ptr += run * C
+        invstd_ptr += run * C
+        if WRITE_GRAD_WEIGHT:
+            grad_weight_ptr += run * C
+        if WRITE_GRAD_BIAS:
+            grad_bias_ptr += run * C
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean, invstd, scale, shift, inv_scale, param = channel_terms(

@@ -21,8 +21,8 @@ import triton.language as tl
 
 from . import activations
 from .stats import (SPLIT_COUNTS, channel_pivot, channel_scale, channel_shift, divide,
-                    inverse_std, renorm_affine, renorm_factors, split_range, tile_offsets,
-                    update_running_stats)
+                    ghost_run, inverse_std, renorm_affine, renorm_factors, run_offset,
+                    split_range, tile_offsets, update_running_stats)
 
 
 @triton.jit
@@ -39,13 +39,13 @@ def normalize_kernel(
     x_ptr, y_ptr, residual_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr, centre_ptr,
     running_mean_ptr, running_var_ptr, renorm_ptr,
     C, S, tiles_per_n, num_tiles, tiles_per_split, num_splits, eps, eps_lo,
-    act_param, act_param_lo,
+    act_param, act_param_lo, num_runs, N_last, S_last, run_step_n, run_step_s,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BATCH_STATS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, ABS_WEIGHT: tl.constexpr, RENORM: tl.constexpr,
-    INT64: tl.constexpr, VECTOR: tl.constexpr = 1,
+    GHOST: tl.constexpr, INT64: tl.constexpr, VECTOR: tl.constexpr = 1,
 ):
     """y[n, c, s] = act((x[n, c, s] - mean[c])·invstd[c]·γ[c] + β[c] + residual[n, c, s]).
 
@@ -56,10 +56,24 @@ def normalize_kernel(
     update_running_stats), which split 0 writes to mean/invstd for backward. RENORM (with
     BATCH_STATS): Batch Renormalization, y = act(γ·(x̂·r + d) + β + residual) with r, d
     from batch_stats_kernel (renorm: (2, C)). act_param: the activation's parameter as a
-    float32 pair."""
+    float32 pair. GHOST (ghost batch norm, with BATCH_STATS): grid (cdiv(C, BLOCK_C),
+    num_splits, num_runs), program (pid_c, k, g) normalizes virtual batch g with row g of
+    mean, invstd, centre: (num_runs, C) (see stats.ghost_run, stats.run_offset)."""
     acc_dtype = invstd_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
+    if GHOST:
+        run = tl.program_id(2)
+        N_run, S = ghost_run(run, num_runs, num_tiles // tiles_per_n, S, N_last, S_last)
+        tiles_per_n = tl.cdiv(S, BLOCK_S)
+        num_tiles = N_run * tiles_per_n
+        x_ptr += run_offset(run, run_step_n, run_step_s, stride_xn, stride_xs, INT64)
+        y_ptr += run_offset(run, run_step_n, run_step_s, stride_yn, stride_ys, INT64)
+        if HAS_RESIDUAL:
+            residual_ptr += run_offset(run, run_step_n, run_step_s, stride_rn, stride_rs, INT64)
+        mean_ptr += run * C
+        invstd_ptr += run * C
+        centre_ptr += run * C
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
 
@@ -119,14 +133,15 @@ def slab_offsets(pid_c, C, N, S, stride_n, stride_c, stride_s, BLOCK_C: tl.const
 def forward_slab_kernel(
     x_ptr, y_ptr, residual_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
     running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, renorm_ptr, renorm_limits_ptr,
-    C, N, S, M, momentum, momentum_lo, eps, eps_lo, act_param, act_param_lo,
+    var_ptr, C, N, S, M, momentum, momentum_lo, eps, eps_lo, act_param, act_param_lo,
+    num_runs, N_last, S_last, run_step_n, run_step_s,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_COUNT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, ABS_WEIGHT: tl.constexpr, RENORM: tl.constexpr,
-    INT64: tl.constexpr,
+    GHOST: tl.constexpr, INT64: tl.constexpr,
 ):
     """Training forward of whole channels held in registers, one read of x and one write of y.
 
@@ -137,9 +152,23 @@ def forward_slab_kernel(
     an exact two-pass variance over registers. Writes mean and invstd (accumulation dtype),
     and with UPDATE_RUNNING the running statistics (see update_running_stats). RENORM: Batch
     Renormalization, y = act(γ·(x̂·r + d) + β + residual), r and d (stats.renorm_factors, from
-    the running statistics before the update) written to renorm: (2, C)."""
+    the running statistics before the update) written to renorm: (2, C). GHOST (ghost batch
+    norm): grid (cdiv(C, BLOCK_C), num_runs), program (pid_c, g) does the above for virtual
+    batch g alone (stats.ghost_run, stats.run_offset) into row g of mean, invstd and var:
+    (num_runs, C); the running statistics are left to ghost_running_update_kernel."""
     acc_dtype = mean_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
+    if GHOST:
+        run = tl.program_id(1)
+        N, S = ghost_run(run, num_runs, N, S, N_last, S_last)
+        M = N * S
+        x_ptr += run_offset(run, run_step_n, run_step_s, stride_xn, stride_xs, INT64)
+        y_ptr += run_offset(run, run_step_n, run_step_s, stride_yn, stride_ys, INT64)
+        if HAS_RESIDUAL:
+            residual_ptr += run_offset(run, run_step_n, run_step_s, stride_rn, stride_rs, INT64)
+        mean_ptr += run * C
+        invstd_ptr += run * C
+        var_ptr += run * C
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
 
@@ -156,6 +185,8 @@ def forward_slab_kernel(
     mean = pivot + centre
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(invstd_ptr + c, invstd, mask=c_mask)
+    if GHOST:
+        tl.store(var_ptr + c, var, mask=c_mask)
     if RENORM:  # before the update: r and d are relative to the statistics so far
         r, d = renorm_factors(running_mean_ptr, running_var_ptr, renorm_limits_ptr, c, c_mask,
                               mean, invstd, eps, eps_lo)

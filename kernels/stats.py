@@ -68,6 +68,25 @@ def tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_n, stride_c, stride_s,
 
 
 @triton.jit
+def ghost_run(run, num_runs, N, S, N_last, S_last):
+    """(N, S) of virtual batch `run` in the plan's (N, C, S) view (ghost batch norm): every run
+    but the last holds the plan's own; the last may be shorter (torch.split's last chunk),
+    N_last samples, or S_last values where the plan merged the batch into S."""
+    last = run == num_runs - 1
+    return tl.where(last, N_last, N), tl.where(last, S_last, S)
+
+
+@triton.jit
+def run_offset(run, run_step_n, run_step_s, stride_n, stride_s, INT64: tl.constexpr):
+    """Where virtual batch `run` starts in a tensor with these strides: run·run_step_n samples
+    in (run_step_s values along S where the plan merged the batch into S), in int64 when
+    INT64."""
+    if INT64:
+        run = run.to(tl.int64)
+    return run * run_step_n * stride_n + run * run_step_s * stride_s
+
+
+@triton.jit
 def tile_values(tile, tiles_per_n, S, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
     """Values of a channel in tile `tile`: BLOCK_S, or what is left of S in a sample's last."""
     if INT64:
@@ -273,10 +292,11 @@ def batch_stats_kernel(
     num_batches_tracked_ptr, renorm_ptr, renorm_limits_ptr,
     C, S, M, tiles_per_n, num_tiles, tiles_per_split, num_splits,
     momentum, momentum_lo, eps, eps_lo,
+    num_runs, N_last, S_last, run_step_n, run_step_s,
     stride_xn, stride_xc, stride_xs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_COUNT: tl.constexpr, WRITE_VAR: tl.constexpr,
-    RENORM: tl.constexpr, INT64: tl.constexpr, VECTOR: tl.constexpr = 1,
+    RENORM: tl.constexpr, GHOST: tl.constexpr, INT64: tl.constexpr, VECTOR: tl.constexpr = 1,
 ):
     """mean, invstd = 1/sqrt(var + eps) (biased var) of every channel, and the running update.
 
@@ -293,10 +313,27 @@ def batch_stats_kernel(
     (renorm_factors) to renorm: (2, C), r then d. x: (N, C, S), any strides, any float dtype.
     part_*: (C, num_splits); mean, invstd, centre, var: (C,), all in the accumulation dtype
     (float32, float64 for float64 x). tickets: int64, one per channel block, with this launch's epoch (see finished_last).
-    Divisions are correctly rounded (see divide)."""
+    Divisions are correctly rounded (see divide).
+    GHOST (ghost batch norm): grid (cdiv(C, BLOCK_C), num_splits, num_runs); program
+    (pid_c, k, g) does the above for virtual batch g alone (see ghost_run, run_offset), with
+    its own partials, tickets and (C,) rows of mean, invstd, centre, var: (num_runs, C)."""
     acc_dtype = part_mean_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
+    if GHOST:
+        run = tl.program_id(2)
+        N_run, S = ghost_run(run, num_runs, M // S, S, N_last, S_last)
+        tiles_per_n = tl.cdiv(S, BLOCK_S)
+        num_tiles = N_run * tiles_per_n
+        M = N_run * S
+        x_ptr += run_offset(run, run_step_n, run_step_s, stride_xn, stride_xs, INT64)
+        part_mean_ptr += run * C * num_splits
+        part_m2_ptr += run * C * num_splits
+        tickets_ptr += run * tl.num_programs(0)
+        mean_ptr += run * C
+        invstd_ptr += run * C
+        centre_ptr += run * C
+        var_ptr += run * C
     first, last = split_range(split, tiles_per_split, num_tiles, INT64)
 
     pivot = channel_pivot(x_ptr, pid_c, C, stride_xc, BLOCK_C, INT64).to(acc_dtype)

@@ -244,17 +244,24 @@ def run_scenario(scenario: Dict[str, Any]) -> List[Tuple[Any, tuple, dict]]:
         functional.check_batch_norm_args(x, running_mean, running_var, weight, bias, training,
                                          1e-5)
         # The launch layer itself: on meta tensors the ops would run their fake kernels.
-        y, mean, invstd = launch.batch_norm_forward(
-            x, weight, bias, running_mean, running_var, num_batches_tracked, training,
-            0.0 if momentum is None else momentum, 1e-5, residual, activation,
-            memory_efficient, renorm)
+        ghost = scenario.get("ghost")
+        if ghost:
+            y, mean, invstd = launch.ghost_batch_norm_forward(
+                x, weight, bias, running_mean, running_var, num_batches_tracked, ghost,
+                0.0 if momentum is None else momentum, 1e-5, residual, activation)
+        else:
+            y, mean, invstd = launch.batch_norm_forward(
+                x, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                0.0 if momentum is None else momentum, 1e-5, residual, activation,
+                memory_efficient, renorm)
         if want_dx or want_dw or want_db or want_dr:
             dy = _meta_tensor(torch, shape, dtype, scenario.get("dy_layout", "contiguous"))
             launch.batch_norm_backward(dy, x, y, residual, weight, bias, mean, invstd, training,
                                        (want_dx, want_dw, want_db, want_dr),
                                        None if bias is None else bias.dtype,
                                        residual is not None, activation, memory_efficient,
-                                       1e-5, renorm=None if renorm is None else renorm.factors)
+                                       1e-5, renorm=None if renorm is None else renorm.factors,
+                                       virtual_batch_size=ghost)
     finally:
         JITFunction.run = original
     return launches

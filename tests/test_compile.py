@@ -118,6 +118,18 @@ SCENARIOS += [
     scenario("renorm-silu-residual-float32", RESNET, "float32", SM90, renorm=True,
              activation="silu", residual=True),
 ]
+# Ghost batch norm (GHOST): every kernel over one more grid dimension, and the two kernels
+# across the runs (kernels/ghost.py); runs of 8 and a shorter last one, both paths and layouts.
+SCENARIOS += [
+    scenario("ghost-nchw-float32", (36, 64, 56, 56), "float32", BOTH, ghost=8),
+    scenario("ghost-nhwc-bfloat16", (36, 64, 56, 56), "bfloat16", SM90, layout="channels_last",
+             param_dtype="float32", ghost=8),
+    scenario("ghost-slab-float32", (36, 128, 16, 16), "float32", BOTH, ghost=8),
+    scenario("ghost-slab-nhwc-silu-residual-float32", (36, 128, 16, 16), "float32", SM90,
+             layout="channels_last", activation="silu", residual=True, ghost=8),
+    scenario("ghost-cumulative-float32", (36, 128, 16, 16), "float32", BOTH, momentum=None,
+             ghost=8),
+]
 # The flag combinations normalize_kernel and input_grad_kernel are launched with, beyond TRAIN.
 MODES = {
     # model.eval() while training the affine parameters: running stats, dγ/dβ from partials.
@@ -274,9 +286,11 @@ ELEMENT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp64": 64}
 
 def element_type(spec) -> str:
     """The type of the activations a launch streams: x's, or dy's where x is not read (the
-    memory-saving backward)."""
+    memory-saving backward); for the ghost kernels across the runs, which stream none, their
+    (num_runs, C) statistics'."""
     signature = spec["signature"]
-    pointer = next(signature[name] for name in ("x_ptr", "dy_ptr")
+    pointer = next(signature[name] for name in ("x_ptr", "dy_ptr", "mean_ptr",
+                                                "grad_weight_runs_ptr", "grad_bias_runs_ptr")
                    if signature.get(name, "constexpr") != "constexpr")
     return pointer.lstrip("*")
 
@@ -322,7 +336,7 @@ def table(result) -> str:
         consts = spec["constexprs"]
         flags = " ".join("".join(word[0] for word in k.split("_")) if k != "INT64" else "I64"
                          for k, v in consts.items() if v is True)
-        tile = f"{consts['BLOCK_C']}x{consts['BLOCK_S']}"
+        tile = f"{consts['BLOCK_C']}x{consts.get('BLOCK_S', '-')}"
         x_type = element_type(spec)
         for cc, r in result["results"][key].items():
             if not r["ok"]:
