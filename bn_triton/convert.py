@@ -5,7 +5,6 @@ placeholders (nn.Identity, dropouts, timm's DropBlock and DropPath) that models 
 batch norm and its activation."""
 from __future__ import annotations
 
-import math
 import operator
 import sys
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -53,10 +52,11 @@ _TIMM_NORM_ACT = {"BatchNormAct1d": BatchNormAct1d, "BatchNormAct2d": BatchNormA
 # it uses where torch lacks a native one) -> the activation they compute.
 _TIMM_ACTIVATIONS = {
     "activations": {"Swish": "silu", "Sigmoid": "sigmoid", "Tanh": "tanh", "GELU": "gelu",
-                    "GELUTanh": "gelu_tanh", "HardSwish": "hardswish",
-                    "HardSigmoid": "hardsigmoid", "Mish": "mish"},
+                    "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu",
+                    "HardSwish": "hardswish", "HardSigmoid": "hardsigmoid", "Mish": "mish",
+                    "HardMish": "hard_mish"},
     "activations_me": {"SwishMe": "silu", "MishMe": "mish", "HardSwishMe": "hardswish",
-                       "HardSigmoidMe": "hardsigmoid"},
+                       "HardSigmoidMe": "hardsigmoid", "HardMishMe": "hard_mish"},
 }
 
 
@@ -211,12 +211,14 @@ class _Tracer(fx.Tracer):
     alone, and tracing into its forward could fail and leave the whole model unfused. The
     placeholders that read their training flag (timm's DropBlock2d and DropPath,
     torchvision's StochasticDepth) stay calls, so that the traced model drops in training
-    and not in eval, as the model does, and so do the modules timm registers as not
+    and not in eval, as the model does; so do timm's activation modules (fusion knows them
+    as modules, not as the ops of their forward) and the modules timm registers as not
     traceable (its norm + act layers among them)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (isinstance(m, nn.modules.batchnorm._BatchNorm) or _is_drop_module(m)
-                or _timm_notrace(m) or super().is_leaf_module(m, qualname))
+                or _timm_activation_name(m) is not None or _timm_notrace(m)
+                or super().is_leaf_module(m, qualname))
 
 
 def _timm_notrace(module: nn.Module) -> bool:
@@ -266,18 +268,18 @@ def fused_layer(bn: nn.Module, activation: Activation) -> nn.Module:
 
 # --- activations ---------------------------------------------------------------------------
 
-def _is_number(value: object) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, (int, float))
-            and math.isfinite(value))
-
-
-def _make_activation(name: Optional[str], *params: object) -> Optional[Activation]:
-    """Activation(name, *params) where the installed epilogue knows `name` and every
-    parameter is a finite number; None otherwise (the call is left unfused)."""
-    if name is None or name not in epilogue.ACTIVATIONS \
-            or not all(_is_number(value) for value in params):
+def _make_activation(name: Optional[str], params: Optional[Dict[str, object]] = None
+                     ) -> Optional[Activation]:
+    """The Activation `name` with `params` by keyword (negative_slope, alpha, min_val,
+    max_val) where the installed epilogue has it and takes them (epilogue.parse_activation:
+    finite numbers, hardtanh's max_val > min_val, ...); None otherwise, and the call is left
+    to compute (or refuse) itself, unfused."""
+    if name is None or name not in epilogue.ACTIVATIONS:
         return None
-    return Activation(name, *(float(value) for value in params))
+    try:
+        return epilogue.parse_activation(name, params)
+    except ValueError:
+        return None
 
 
 def _activation_of_module(module: nn.Module, allow_identity: bool = False
@@ -286,11 +288,7 @@ def _activation_of_module(module: nn.Module, allow_identity: bool = False
     own classes; None for another module, and for an identity unless allow_identity."""
     activation = activation_of_module(module)
     if activation is None:
-        for submodule, names in _TIMM_ACTIVATIONS.items():
-            name = names.get(_timm_class(module, submodule))
-            if name is not None:
-                activation = _make_activation(name)
-                break
+        activation = _make_activation(_timm_activation_name(module))
     if activation is None or activation.name not in epilogue.ACTIVATIONS:
         return None
     if activation.name == "identity" and not allow_identity:
@@ -298,11 +296,21 @@ def _activation_of_module(module: nn.Module, allow_identity: bool = False
     return activation
 
 
+def _timm_activation_name(module: nn.Module) -> Optional[str]:
+    """The activation one of timm's own activation modules computes (exactly its class)."""
+    for submodule, names in _TIMM_ACTIVATIONS.items():
+        name = names.get(_timm_class(module, submodule))
+        if name is not None:
+            return name
+    return None
+
+
 class _Signature(NamedTuple):
     """How a function or method that is an activation takes its arguments after the input:
     `positional` ((keyword, default), in order), then `keyword_only`. `params` are the
-    keywords that become the Activation's parameters, in order; `fixed` keywords must keep
-    their value; every other keyword (inplace) changes nothing the fused layer computes."""
+    keywords that become the Activation's parameters (epilogue.parse_activation's keywords);
+    `fixed` keywords must keep their value; every other keyword (inplace) changes nothing the
+    fused layer computes."""
     name: str
     positional: Tuple[Tuple[str, object], ...] = ()
     keyword_only: Tuple[Tuple[str, object], ...] = ()
@@ -348,6 +356,12 @@ def _signatures() -> Dict[Callable, _Signature]:
         "elu": (F.elu, _Signature("elu", (("alpha", 1.0),) + _INPLACE, params=("alpha",))),
         "elu_": (F.elu_, _Signature("elu", _ELU_, params=("alpha",),
                                     fixed=(("scale", 1.0), ("input_scale", 1.0)))),
+        "celu": (F.celu, _Signature("celu", (("alpha", 1.0),) + _INPLACE, params=("alpha",))),
+        "torch.celu": (torch.celu, _Signature("celu", (("alpha", 1.0),), params=("alpha",))),
+        "celu_": (F.celu_, _Signature("celu", (("alpha", 1.0),), params=("alpha",))),
+        "selu": (F.selu, _Signature("selu", _INPLACE)),
+        "torch.selu": (torch.selu, _Signature("selu")),
+        "selu_": (F.selu_, _Signature("selu")),  # torch.selu_ too
     }
     return {function: signature for function, signature in table.values()
             if function is not None}
@@ -392,10 +406,7 @@ def _activation_of_call(signature: _Signature, args: Tuple, kwargs: Dict[str, ob
     name = signature.name
     if name == "gelu":
         name = {"none": "gelu", "tanh": "gelu_tanh"}.get(bound["approximate"])
-    params = [bound[keyword] for keyword in signature.params]
-    if name == "hardtanh" and all(map(_is_number, params)) and params[0] > params[1]:
-        return None  # min_val > max_val: torch's own result, unfused
-    return _make_activation(name, *params)
+    return _make_activation(name, {keyword: bound[keyword] for keyword in signature.params})
 
 
 def _activation_of_node(node: fx.Node, gm: fx.GraphModule, source: fx.Node

@@ -54,9 +54,10 @@ def assert_same_model(fused, reference, shape, device, modes=("train", "train", 
                                    msg=lambda m: f"step {step} dx: {m}")
     theirs = dict(reference.named_parameters())
     for name, p in fused.named_parameters():
-        # Summed over the steps and back through the layers: the bound scales with the
-        # largest gradient, as in test_fused_modules' compiled check.
-        atol = TOL["atol"] * max(1.0, theirs[name].grad.abs().max().item())
+        # Summed over the steps, back through a dozen layers: float32 rounding alone puts
+        # torch's own MobileNet-like head gradients 2.5e-5 from float64 (the fused model's
+        # 1.9e-5; measured), so the bound is 5 times TOL's, and scales with the largest.
+        atol = 5 * TOL["atol"] * max(1.0, theirs[name].grad.abs().max().item())
         torch.testing.assert_close(p.grad, theirs[name].grad, atol=atol, rtol=TOL["rtol"],
                                    msg=lambda m: f"{name}.grad: {m}")
     theirs = dict(reference.named_buffers())
@@ -391,6 +392,12 @@ FORMS = [
     ("torch.sigmoid_", lambda y: torch.sigmoid_(y), ("sigmoid", 0.0, 0.0)),
     ("method-tanh_", lambda y: y.tanh_(), ("tanh", 0.0, 0.0)),
     ("F.gelu-tanh", lambda y: F.gelu(y, approximate="tanh"), ("gelu_tanh", 0.0, 0.0)),
+    ("F.celu-inplace", lambda y: F.celu(y, 0.5, inplace=True), ("celu", 0.5, 0.0)),
+    ("torch.celu_", lambda y: torch.celu_(y, 2.0), ("celu", 2.0, 0.0)),
+    ("F.selu", lambda y: F.selu(y), ("selu", 0.0, 0.0)),
+    ("torch.selu_", lambda y: torch.selu_(y), ("selu", 0.0, 0.0)),
+    # torch computes hardtanh with equal bounds; the epilogue takes max_val > min_val only.
+    ("F.hardtanh-equal-bounds", lambda y: F.hardtanh(y, 0.5, 0.5), None),
     # elu_ is torch._C._nn.elu_: a scale makes it another function.
     ("F.elu_-scaled", lambda y: F.elu_(y, 1.0, 2.0), None),
     ("F.softsign", lambda y: F.softsign(y), None),
@@ -581,6 +588,30 @@ def test_timm_drop_placeholders(timm, device, launches):
     assert_same_model(fused, reference, (2, 3, 6, 6), device,
                       modes=("train", "eval", "train", "eval"))
     assert launches.forward_calls() == 4 * 4
+
+
+class TimmActivations(nn.Module):
+    """timm's own activation modules in forward code: fx keeps them calls, and fusion knows
+    them as modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.act1 = nn.BatchNorm2d(C), TimmHardSwish()
+        self.bn2, self.act2 = nn.BatchNorm2d(C), TimmGELU()
+
+    def forward(self, x):
+        return self.act2(self.bn2(self.act1(self.bn1(x))))
+
+
+def test_timm_activation_modules_in_forward_code(timm, device, launches):
+    model = randomize(TimmActivations().to(device))
+    reference = copy.deepcopy(model)
+    fused = bn_triton.fuse_batchnorm_activations(model)
+    want = {"bn2": "gelu", **({"bn1": "hardswish"} if known("hardswish") else {})}
+    assert fused_layers(fused) == want
+    launches.clear()
+    assert_same_model(fused, reference, (2, C, 3, 3), device)
+    assert launches.forward_calls() == 3 * len(want)
 
 
 def timm_model():
