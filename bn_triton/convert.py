@@ -6,7 +6,6 @@ batch norm and its activation."""
 from __future__ import annotations
 
 import operator
-import sys
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -149,8 +148,7 @@ def fuse_batchnorm_activations(model: nn.Module) -> nn.Module:
       layer and the activation an nn.Identity, in place (indices and state_dict keys
       stay).
     - Elsewhere the model is traced with torch.fx (modules of torch.nn and bn_triton's stay
-      calls, and so do timm's DropBlock2d and DropPath and the modules timm registers as not
-      traceable); a graph with fused patterns comes back as a torch.fx.GraphModule holding
+      calls, and so do timm's DropBlock2d, DropPath and activation modules); a graph with fused patterns comes back as a torch.fx.GraphModule holding
       the same submodules under the same names, the fused layers new modules sharing the
       batch norms' parameters and buffers (the given model itself is left computing as
       before). A model fx cannot trace has its children fused one by one instead.
@@ -212,22 +210,11 @@ class _Tracer(fx.Tracer):
     placeholders that read their training flag (timm's DropBlock2d and DropPath,
     torchvision's StochasticDepth) stay calls, so that the traced model drops in training
     and not in eval, as the model does; so do timm's activation modules (fusion knows them
-    as modules, not as the ops of their forward) and the modules timm registers as not
-    traceable (its norm + act layers among them)."""
+    as modules, not as the ops of their forward)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (isinstance(m, nn.modules.batchnorm._BatchNorm) or _is_drop_module(m)
-                or _timm_activation_name(m) is not None or _timm_notrace(m)
-                or super().is_leaf_module(m, qualname))
-
-
-def _timm_notrace(module: nn.Module) -> bool:
-    for package in _TIMM_PACKAGES:
-        fx_module = sys.modules.get(f"{package}._fx")
-        is_notrace = getattr(fx_module, "is_notrace_module", None)
-        if is_notrace is not None and is_notrace(type(module)):
-            return True
-    return False
+                or _timm_activation_name(m) is not None or super().is_leaf_module(m, qualname))
 
 
 def _fusable(module: nn.Module) -> bool:
