@@ -114,11 +114,11 @@ def _split_n(t: torch.Tensor, B: int, order: int) -> torch.Tensor:
 def batch_norm_forward_vmap(info, in_dims: Sequence[Optional[int]], input, weight, bias,
                             running_mean, running_var, num_batches_tracked, training, momentum,
                             eps, residual=None, activation="identity", activation_param=0.0,
-                            memory_efficient=False):
+                            memory_efficient=False, activation_param2=0.0):
     """bn_triton::batch_norm_forward over a vmapped dim (see the module docstring)."""
     B = info.batch_size
-    dims = _padded(in_dims, 13)
-    tail = (activation, activation_param, memory_efficient)
+    dims = _padded(in_dims, 14)
+    tail = (activation, activation_param, memory_efficient, activation_param2)
     op = torch.ops.bn_triton.batch_norm_forward
     if not training and all(d is None for d in dims[1:5]):
         (x, r), order = _fold_into_n([_front(input, dims[0]), _front(residual, dims[9])],
@@ -140,15 +140,18 @@ def batch_norm_forward_vmap(info, in_dims: Sequence[Optional[int]], input, weigh
 def sync_batch_norm_forward_vmap(info, in_dims: Sequence[Optional[int]], input, weight, bias,
                                  running_mean, running_var, num_batches_tracked, momentum, eps,
                                  group_name, residual=None, activation="identity",
-                                 activation_param=0.0, memory_efficient=False):
+                                 activation_param=0.0, memory_efficient=False,
+                                 activation_param2=0.0):
     """bn_triton::sync_batch_norm_forward over a vmapped dim: always training, so folded into
     the channels, and every rank gathers B·C channels' statistics (every rank must vmap with
     the same batch size, as every rank must pass the same C). The total count is every
     sample's: unbatched."""
     B = info.batch_size
-    dims = _padded(in_dims, 13)
-    dims = dims[:6] + [None] + dims[6:9] + dims[9:12]  # a `training` slot, as batch_norm's
-    tail = (activation, activation_param, memory_efficient)
+    dims = _padded(in_dims, 14)
+    # batch_norm_forward's positions: a `training` slot at 6, and the residual's at 9 (after
+    # momentum and eps; group_name, a string, has none).
+    dims = dims[:6] + [None] + dims[6:8] + dims[9:]
+    tail = (activation, activation_param, memory_efficient, activation_param2)
     op = torch.ops.bn_triton.sync_batch_norm_forward
 
     def run(x, w, b, rm, rv, nbt, r):
@@ -235,13 +238,13 @@ def batch_norm_backward_vmap(info, in_dims: Sequence[Optional[int]], grad_output
                              output, residual, weight, bias, mean, invstd, training,
                              output_mask, bias_dtype, has_residual=False,
                              activation="identity", activation_param=0.0,
-                             memory_efficient=False, eps=0.0):
+                             memory_efficient=False, eps=0.0, activation_param2=0.0):
     """bn_triton::batch_norm_backward over a vmapped dim: always folded into the channels, so
     grad_weight and grad_bias are per sample (B, C) and grad_input (N, B, C, *S), out_dim 1."""
     B = info.batch_size
-    dims = _padded(in_dims, 16)
+    dims = _padded(in_dims, 17)
     op = torch.ops.bn_triton.batch_norm_backward
-    tail = (has_residual, activation, activation_param, memory_efficient, eps)
+    tail = (has_residual, activation, activation_param, memory_efficient, eps, activation_param2)
     if not training and not any(output_mask[1:3]) and all(d is None for d in dims[4:8]):
         # Constant statistics shared by every sample and no per-channel gradient asked for
         # (jacrev of an eval layer by its input): every sample is a batch of the same layer,
@@ -262,11 +265,11 @@ def sync_batch_norm_backward_vmap(info, in_dims: Sequence[Optional[int]], grad_o
                                   output, residual, weight, bias, mean, invstd, count,
                                   output_mask, bias_dtype, group_name, has_residual=False,
                                   activation="identity", activation_param=0.0,
-                                  memory_efficient=False, eps=0.0):
+                                  memory_efficient=False, eps=0.0, activation_param2=0.0):
     """bn_triton::sync_batch_norm_backward over a vmapped dim: folded into the channels (one
     all_reduce of B·C channels' sums); the total count is every sample's."""
     B = info.batch_size
-    dims = _padded(in_dims, 17)
+    dims = _padded(in_dims, 18)
     if dims[8] is not None:
         raise RuntimeError("bn_triton::sync_batch_norm_backward under vmap: the total count "
                            "is the forward's, one for every sample; got a batched count")
@@ -274,7 +277,7 @@ def sync_batch_norm_backward_vmap(info, in_dims: Sequence[Optional[int]], grad_o
                                                weight, bias, mean, invstd)
     grads = torch.ops.bn_triton.sync_batch_norm_backward(
         *images, *channels, count, output_mask, bias_dtype, group_name, has_residual,
-        activation, activation_param, memory_efficient, eps)
+        activation, activation_param, memory_efficient, eps, activation_param2)
     return _grads_out_of_channels(grads, B)
 
 

@@ -30,6 +30,11 @@ import torch
 
 from .epilogue import Activation, dz_source, torch_activation
 
+# torch's SELU constants (and kernels/activations.py's).
+SELU_SCALE = 1.0507009873554804934193349852946
+SELU_ALPHA = 1.6732632423543772848170429916717
+# torch's hardsigmoid_backward slope, float32(1/6) in every dtype.
+HARDSIGMOID_SLOPE = 0.16666667163372040
 THIRD_DERIVATIVE = ("bn_triton's batch norm supports first and second derivatives; a third "
                     "(create_graph=True through a double backward) is not supported")
 
@@ -43,6 +48,10 @@ def _act_grad_from_output(output: torch.Tensor, activation: Activation) -> torch
         return (output > 0).to(output.dtype)
     if activation.name == "leaky_relu":
         return torch.where(output > 0, one, activation.param)
+    if activation.name == "celu":
+        return torch.where(output > 0, one, output / activation.param + 1)
+    if activation.name == "selu":
+        return torch.where(output > 0, SELU_SCALE * one, output + SELU_SCALE * SELU_ALPHA)
     return torch.where(output > 0, one, output + activation.param)  # elu, alpha > 0
 
 
@@ -78,7 +87,11 @@ def grads_in_torch(grad_output: torch.Tensor, input: torch.Tensor,
             z = z + bias.to(acc).view(shape)
         if source == "x_residual":
             z = z + residual.to(acc)
-        if torch._C._are_functorch_transforms_active():  # requires_grad_ is refused there
+        if activation.name == "hardsigmoid":
+            # torch's hardsigmoid_backward has no derivative of its own: act' written out, a
+            # constant in z (torch's float32(1/6) slope, as the kernels take it).
+            dz = dy * ((z > -3) & (z < 3)).to(acc) * HARDSIGMOID_SLOPE
+        elif torch._C._are_functorch_transforms_active():  # requires_grad_ is refused there
             _, act_vjp = torch.func.vjp(torch_activation(activation), z)
             dz, = act_vjp(dy)
         else:

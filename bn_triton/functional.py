@@ -26,8 +26,10 @@ def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
     act(batch_norm(input) + residual) in the launches of batch norm alone.
 
     activation: None (identity) or a name of bn_triton.epilogue.ACTIVATIONS ("relu",
-    "leaky_relu", "elu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh"), its parameter in
-    activation_kwargs ({"negative_slope": 0.01} for leaky_relu, {"alpha": 1.0} for elu).
+    "leaky_relu", "elu", "celu", "selu", "relu6", "hardtanh", "hardsigmoid", "hardswish",
+    "hard_mish", "silu", "quick_gelu", "mish", "gelu", "gelu_tanh", "sigmoid", "tanh"), its
+    parameters in activation_kwargs ({"negative_slope": 0.01} for leaky_relu, {"alpha": 1.0}
+    for elu and celu, {"min_val": -1.0, "max_val": 1.0} for hardtanh).
     residual: a tensor of the input's shape, dtype and device, in any memory format, added
     after the affine and before the activation. memory_efficient: save the output instead of
     the input for backward (In-Place ABN); it scales by |γ| + eps and takes an invertible

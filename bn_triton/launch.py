@@ -134,7 +134,8 @@ def _strides(strides: Dict[str, Strides], *names: str) -> dict:
 
 
 def _epilogue_args(activation: Activation) -> dict:
-    return dict(ACTIVATION=activation.name, **_float64_pair("act_param", activation.param))
+    return dict(ACTIVATION=activation.name, **_float64_pair("act_param", activation.param),
+                **_float64_pair("act_param2", activation.param2))
 
 
 def _running_flags(momentum: float, update: bool, from_count: bool) -> dict:

@@ -77,7 +77,7 @@ def batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
                        num_batches_tracked: Optional[torch.Tensor], training: bool,
                        momentum: float, eps: float, residual: Optional[torch.Tensor] = None,
                        activation: str = "identity", activation_param: float = 0.0,
-                       memory_efficient: bool = False
+                       memory_efficient: bool = False, activation_param2: float = 0.0
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """output = act(BN(input) + residual), and the statistics backward needs: mean and
     invstd = 1/sqrt(var + eps), (C,) in the accumulation dtype (float32; float64 for float64
@@ -86,12 +86,14 @@ def batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
     training: batch statistics; running_mean/running_var, when given, are updated in place with
     factor `momentum`, or 1/num_batches_tracked read on the device when num_batches_tracked is
     given (a module's momentum=None; the op only reads it). Otherwise the running statistics
-    normalize and nothing is written. activation/activation_param: see epilogue.py;
+    normalize and nothing is written. activation, activation_param, activation_param2 (last,
+    so that calls and saved programs from before it keep their meaning): epilogue.Activation;
     memory_efficient scales by |γ| + eps. The output takes plan.output_format(input)."""
     _require_kernels("batch_norm_forward", input)
     return launch.batch_norm_forward(input, weight, bias, running_mean, running_var,
                                      num_batches_tracked, training, momentum, eps, residual,
-                                     Activation(activation, activation_param), memory_efficient)
+                                     Activation(activation, activation_param,
+                                                activation_param2), memory_efficient)
 
 
 def _forward_fake(input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,7 +104,8 @@ def _forward_fake(input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torc
 
 @batch_norm_forward.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
-      eps, residual=None, activation="identity", activation_param=0.0, memory_efficient=False):
+      eps, residual=None, activation="identity", activation_param=0.0, memory_efficient=False,
+      activation_param2=0.0):
     return _forward_fake(input)
 
 
@@ -114,7 +117,7 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
                         output_mask: List[bool], bias_dtype: Optional[torch.dtype],
                         has_residual: bool = False, activation: str = "identity",
                         activation_param: float = 0.0, memory_efficient: bool = False,
-                        eps: float = 0.0
+                        eps: float = 0.0, activation_param2: float = 0.0
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """grad_input, grad_weight, grad_bias, grad_residual from what the forward kept (input; or
     output alone, memory_efficient; with output or residual where a residual and an
@@ -127,7 +130,8 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
     _require_kernels("batch_norm_backward", reference)
     grads = launch.batch_norm_backward(grad_output, input, output, residual, weight, bias, mean,
                                        invstd, training, output_mask, bias_dtype, has_residual,
-                                       Activation(activation, activation_param),
+                                       Activation(activation, activation_param,
+                                                  activation_param2),
                                        memory_efficient, eps)
     return tuple(grad if grad is not None else reference.new_empty((0,)) for grad in grads)
 
@@ -135,7 +139,7 @@ def batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Tensor]
 @batch_norm_backward.register_fake
 def _backward_fake(grad_output, input, output, residual, weight, bias, mean, invstd, training,
                    output_mask, bias_dtype, has_residual=False, activation="identity",
-                   activation_param=0.0, memory_efficient=False, eps=0.0):
+                   activation_param=0.0, memory_efficient=False, eps=0.0, activation_param2=0.0):
     want_dx, want_dw, want_db, want_dr = output_mask
     reference = output if memory_efficient else input
     channels = (reference.shape[1],)
@@ -155,7 +159,7 @@ def sync_batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
                             num_batches_tracked: Optional[torch.Tensor], momentum: float,
                             eps: float, group_name: str, residual: Optional[torch.Tensor] = None,
                             activation: str = "identity", activation_param: float = 0.0,
-                            memory_efficient: bool = False
+                            memory_efficient: bool = False, activation_param2: float = 0.0
                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """batch_norm_forward in training whose statistics span the ranks of the process group
     named group_name (collectives.forward: one all_gather): output, mean, invstd over every
@@ -163,13 +167,14 @@ def sync_batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
     _require_kernels("sync_batch_norm_forward", input)
     return collectives.forward(input, weight, bias, running_mean, running_var,
                                num_batches_tracked, momentum, eps, group_name, residual,
-                               Activation(activation, activation_param), memory_efficient)
+                               Activation(activation, activation_param, activation_param2),
+                               memory_efficient)
 
 
 @sync_batch_norm_forward.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
       group_name, residual=None, activation="identity", activation_param=0.0,
-      memory_efficient=False):
+      memory_efficient=False, activation_param2=0.0):
     return (*_forward_fake(input), input.new_empty((), dtype=torch.float64))
 
 
@@ -181,7 +186,8 @@ def sync_batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Te
                              output_mask: List[bool], bias_dtype: Optional[torch.dtype],
                              group_name: str, has_residual: bool = False,
                              activation: str = "identity", activation_param: float = 0.0,
-                             memory_efficient: bool = False, eps: float = 0.0
+                             memory_efficient: bool = False, eps: float = 0.0,
+                             activation_param2: float = 0.0
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """batch_norm_backward of sync_batch_norm_forward (collectives.backward: one all_reduce
     when grad_input is asked for); grad_weight, grad_bias, grad_residual are this rank's."""
@@ -189,7 +195,8 @@ def sync_batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Te
     _require_kernels("sync_batch_norm_backward", reference)
     grads = collectives.backward(grad_output, input, output, residual, weight, bias, mean,
                                  invstd, count, output_mask, bias_dtype, group_name,
-                                 has_residual, Activation(activation, activation_param),
+                                 has_residual,
+                                 Activation(activation, activation_param, activation_param2),
                                  memory_efficient, eps)
     return tuple(grad if grad is not None else reference.new_empty((0,)) for grad in grads)
 
@@ -197,10 +204,10 @@ def sync_batch_norm_backward(grad_output: torch.Tensor, input: Optional[torch.Te
 @sync_batch_norm_backward.register_fake
 def _(grad_output, input, output, residual, weight, bias, mean, invstd, count, output_mask,
       bias_dtype, group_name, has_residual=False, activation="identity", activation_param=0.0,
-      memory_efficient=False, eps=0.0):
+      memory_efficient=False, eps=0.0, activation_param2=0.0):
     return _backward_fake(grad_output, input, output, residual, weight, bias, mean, invstd,
                           True, output_mask, bias_dtype, has_residual, activation,
-                          activation_param, memory_efficient, eps)
+                          activation_param, memory_efficient, eps, activation_param2)
 
 
 @torch.library.custom_op("bn_triton::batch_renorm_forward",
@@ -210,7 +217,7 @@ def batch_renorm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
                          running_var: torch.Tensor, num_batches_tracked: Optional[torch.Tensor],
                          renorm_limits: torch.Tensor, momentum: float, eps: float,
                          residual: Optional[torch.Tensor] = None, activation: str = "identity",
-                         activation_param: float = 0.0
+                         activation_param: float = 0.0, activation_param2: float = 0.0
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch Renormalization's training forward (arXiv:1702.03275, Algorithm 1): output =
     act(γ·(x̂·r + d) + β + residual), mean, invstd as batch_norm_forward's, and renorm, the
@@ -222,14 +229,15 @@ def batch_renorm_forward(input: torch.Tensor, weight: Optional[torch.Tensor],
                           device=input.device)
     output, mean, invstd = launch.batch_norm_forward(
         input, weight, bias, running_mean, running_var, num_batches_tracked, True, momentum,
-        eps, residual, Activation(activation, activation_param),
+        eps, residual, Activation(activation, activation_param, activation_param2),
         renorm=launch.Renorm(factors, renorm_limits))
     return output, mean, invstd, factors
 
 
 @batch_renorm_forward.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, renorm_limits,
-      momentum, eps, residual=None, activation="identity", activation_param=0.0):
+      momentum, eps, residual=None, activation="identity", activation_param=0.0,
+      activation_param2=0.0):
     output, mean, invstd = _forward_fake(input)
     return output, mean, invstd, mean.new_empty((2, input.shape[1]))
 
@@ -241,24 +249,27 @@ def batch_renorm_backward(grad_output: torch.Tensor, input: torch.Tensor,
                           mean: torch.Tensor, invstd: torch.Tensor, renorm: torch.Tensor,
                           output_mask: List[bool], bias_dtype: Optional[torch.dtype],
                           has_residual: bool = False, activation: str = "identity",
-                          activation_param: float = 0.0, eps: float = 0.0
+                          activation_param: float = 0.0, eps: float = 0.0,
+                          activation_param2: float = 0.0
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """batch_norm_backward (training) of batch_renorm_forward, r and d held constant: dx
     carries γ·r, dγ = r·Σdz·x̂ + d·Σdz, dβ = Σdz; the same outputs and conventions."""
     _require_kernels("batch_renorm_backward", input)
     grads = launch.batch_norm_backward(grad_output, input, output, residual, weight, bias, mean,
                                        invstd, True, output_mask, bias_dtype, has_residual,
-                                       Activation(activation, activation_param), False, eps,
+                                       Activation(activation, activation_param,
+                                                  activation_param2), False, eps,
                                        renorm=renorm)
     return tuple(grad if grad is not None else input.new_empty((0,)) for grad in grads)
 
 
 @batch_renorm_backward.register_fake
 def _(grad_output, input, output, residual, weight, bias, mean, invstd, renorm, output_mask,
-      bias_dtype, has_residual=False, activation="identity", activation_param=0.0, eps=0.0):
+      bias_dtype, has_residual=False, activation="identity", activation_param=0.0, eps=0.0,
+      activation_param2=0.0):
     return _backward_fake(grad_output, input, output, residual, weight, bias, mean, invstd,
                           True, output_mask, bias_dtype, has_residual, activation,
-                          activation_param, False, eps)
+                          activation_param, False, eps, activation_param2)
 
 
 @torch.library.custom_op("bn_triton::sync_batch_renorm_forward",
@@ -269,7 +280,8 @@ def sync_batch_renorm_forward(input: torch.Tensor, weight: Optional[torch.Tensor
                               num_batches_tracked: Optional[torch.Tensor],
                               renorm_limits: torch.Tensor, momentum: float, eps: float,
                               group_name: str, residual: Optional[torch.Tensor] = None,
-                              activation: str = "identity", activation_param: float = 0.0
+                              activation: str = "identity", activation_param: float = 0.0,
+                              activation_param2: float = 0.0
                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                          torch.Tensor, torch.Tensor]:
     """batch_renorm_forward whose statistics span the ranks of the process group named
@@ -280,14 +292,15 @@ def sync_batch_renorm_forward(input: torch.Tensor, weight: Optional[torch.Tensor
                           device=input.device)
     output, mean, invstd, count = collectives.forward(
         input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-        group_name, residual, Activation(activation, activation_param), False,
-        launch.Renorm(factors, renorm_limits))
+        group_name, residual, Activation(activation, activation_param, activation_param2),
+        False, launch.Renorm(factors, renorm_limits))
     return output, mean, invstd, count, factors
 
 
 @sync_batch_renorm_forward.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, renorm_limits,
-      momentum, eps, group_name, residual=None, activation="identity", activation_param=0.0):
+      momentum, eps, group_name, residual=None, activation="identity", activation_param=0.0,
+      activation_param2=0.0):
     output, mean, invstd = _forward_fake(input)
     return (output, mean, invstd, input.new_empty((), dtype=torch.float64),
             mean.new_empty((2, input.shape[1])))
@@ -302,25 +315,27 @@ def sync_batch_renorm_backward(grad_output: torch.Tensor, input: torch.Tensor,
                                renorm: torch.Tensor, output_mask: List[bool],
                                bias_dtype: Optional[torch.dtype], group_name: str,
                                has_residual: bool = False, activation: str = "identity",
-                               activation_param: float = 0.0, eps: float = 0.0
+                               activation_param: float = 0.0, eps: float = 0.0,
+                               activation_param2: float = 0.0
                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                           torch.Tensor]:
     """sync_batch_norm_backward of sync_batch_renorm_forward, r and d held constant."""
     _require_kernels("sync_batch_renorm_backward", input)
     grads = collectives.backward(grad_output, input, output, residual, weight, bias, mean,
                                  invstd, count, output_mask, bias_dtype, group_name,
-                                 has_residual, Activation(activation, activation_param), False,
-                                 eps, renorm)
+                                 has_residual,
+                                 Activation(activation, activation_param, activation_param2),
+                                 False, eps, renorm)
     return tuple(grad if grad is not None else input.new_empty((0,)) for grad in grads)
 
 
 @sync_batch_renorm_backward.register_fake
 def _(grad_output, input, output, residual, weight, bias, mean, invstd, count, renorm,
       output_mask, bias_dtype, group_name, has_residual=False, activation="identity",
-      activation_param=0.0, eps=0.0):
+      activation_param=0.0, eps=0.0, activation_param2=0.0):
     return _backward_fake(grad_output, input, output, residual, weight, bias, mean, invstd,
                           True, output_mask, bias_dtype, has_residual, activation,
-                          activation_param, False, eps)
+                          activation_param, False, eps, activation_param2)
 
 
 @torch.library.custom_op("bn_triton::ghost_batch_norm_forward",
@@ -331,7 +346,8 @@ def ghost_batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor]
                              num_batches_tracked: Optional[torch.Tensor],
                              virtual_batch_size: int, momentum: float, eps: float,
                              residual: Optional[torch.Tensor] = None,
-                             activation: str = "identity", activation_param: float = 0.0
+                             activation: str = "identity", activation_param: float = 0.0,
+                             activation_param2: float = 0.0
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ghost batch norm's training forward (kernels/ghost.py): output = act(BN_run(x) +
     residual) with every run of virtual_batch_size samples (torch.split's) normalized by its
@@ -340,13 +356,15 @@ def ghost_batch_norm_forward(input: torch.Tensor, weight: Optional[torch.Tensor]
     _require_kernels("ghost_batch_norm_forward", input)
     return launch.ghost_batch_norm_forward(input, weight, bias, running_mean, running_var,
                                            num_batches_tracked, virtual_batch_size, momentum,
-                                           eps, residual, Activation(activation,
-                                                                     activation_param))
+                                           eps, residual,
+                                           Activation(activation, activation_param,
+                                                      activation_param2))
 
 
 @ghost_batch_norm_forward.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, virtual_batch_size,
-      momentum, eps, residual=None, activation="identity", activation_param=0.0):
+      momentum, eps, residual=None, activation="identity", activation_param=0.0,
+      activation_param2=0.0):
     num_runs = -(-input.shape[0] // virtual_batch_size)
     mean = input.new_empty((num_runs, input.shape[1]), dtype=accumulation_dtype(input.dtype))
     return empty_output(input), mean, torch.empty_like(mean)
@@ -360,7 +378,7 @@ def ghost_batch_norm_backward(grad_output: torch.Tensor, input: torch.Tensor,
                               virtual_batch_size: int, output_mask: List[bool],
                               bias_dtype: Optional[torch.dtype], has_residual: bool = False,
                               activation: str = "identity", activation_param: float = 0.0,
-                              eps: float = 0.0
+                              eps: float = 0.0, activation_param2: float = 0.0
                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                          torch.Tensor]:
     """batch_norm_backward (training) of ghost_batch_norm_forward: each run's dx from its
@@ -368,7 +386,8 @@ def ghost_batch_norm_backward(grad_output: torch.Tensor, input: torch.Tensor,
     _require_kernels("ghost_batch_norm_backward", input)
     grads = launch.batch_norm_backward(grad_output, input, output, residual, weight, bias, mean,
                                        invstd, True, output_mask, bias_dtype, has_residual,
-                                       Activation(activation, activation_param), False, eps,
+                                       Activation(activation, activation_param,
+                                                  activation_param2), False, eps,
                                        virtual_batch_size=virtual_batch_size)
     return tuple(grad if grad is not None else input.new_empty((0,)) for grad in grads)
 
@@ -376,10 +395,10 @@ def ghost_batch_norm_backward(grad_output: torch.Tensor, input: torch.Tensor,
 @ghost_batch_norm_backward.register_fake
 def _(grad_output, input, output, residual, weight, bias, mean, invstd, virtual_batch_size,
       output_mask, bias_dtype, has_residual=False, activation="identity", activation_param=0.0,
-      eps=0.0):
+      eps=0.0, activation_param2=0.0):
     return _backward_fake(grad_output, input, output, residual, weight, bias, mean, invstd,
                           True, output_mask, bias_dtype, has_residual, activation,
-                          activation_param, False, eps)
+                          activation_param, False, eps, activation_param2)
 
 
 def _no_variant_double_backward(ctx, *grads):
@@ -400,10 +419,11 @@ torch.library.register_autograd("bn_triton::ghost_batch_norm_backward",
 
 def _setup_backward_of_backward(ctx, inputs, output):
     (grad_output, input, output_, residual, weight, bias, mean, invstd, training, _, _,
-     has_residual, activation, activation_param, memory_efficient, eps) = inputs
+     has_residual, activation, activation_param, memory_efficient, eps, *rest) = inputs
     ctx.save_for_backward(grad_output, input, output_, residual, weight, bias, mean, invstd)
     ctx.training, ctx.eps, ctx.has_residual = training, eps, has_residual
-    ctx.activation = Activation(activation, activation_param)
+    ctx.activation = Activation(activation, activation_param, rest[0] if rest else 0.0)
+    ctx.num_inputs = len(inputs)
     ctx.memory_efficient = memory_efficient
 
 
@@ -414,7 +434,7 @@ def _backward_of_backward(ctx, *grads_of_grads):
     grads = double_backward.backward_of_backward(
         ctx.saved_tensors, grads_of_grads, ctx.training, ctx.eps, ctx.has_residual,
         ctx.activation)
-    return (*grads, *[None] * 8)
+    return (*grads, *[None] * (ctx.num_inputs - len(grads)))
 
 
 torch.library.register_autograd("bn_triton::batch_norm_backward", _backward_of_backward,
@@ -433,14 +453,14 @@ class BatchNormBackwardFunction(torch.autograd.Function):
     @staticmethod
     def forward(grad_output, input, output, residual, weight, bias, mean, invstd, training,
                 output_mask, bias_dtype, has_residual, activation, activation_param,
-                memory_efficient, eps):
+                memory_efficient, eps, activation_param2):
         # output_mask comes as a string ("1101"): torch's generated vmap rule, with a jvp,
         # lines a list argument's items up with the tangents.
         with torch._C._AutoDispatchBelowAutograd():
             return torch.ops.bn_triton.batch_norm_backward(
                 grad_output, input, output, residual, weight, bias, mean, invstd, training,
                 _mask(output_mask), bias_dtype, has_residual, activation, activation_param,
-                memory_efficient, eps)
+                memory_efficient, eps, activation_param2)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -498,12 +518,12 @@ class SyncBatchNormBackwardFunction(torch.autograd.Function):
     @staticmethod
     def forward(grad_output, input, output, residual, weight, bias, mean, invstd, count,
                 output_mask, bias_dtype, group_name, has_residual, activation,
-                activation_param, memory_efficient, eps):
+                activation_param, memory_efficient, eps, activation_param2):
         with torch._C._AutoDispatchBelowAutograd():
             return torch.ops.bn_triton.sync_batch_norm_backward(
                 grad_output, input, output, residual, weight, bias, mean, invstd, count,
                 _mask(output_mask), bias_dtype, group_name, has_residual, activation,
-                activation_param, memory_efficient, eps)
+                activation_param, memory_efficient, eps, activation_param2)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -543,6 +563,7 @@ def _save_for_backward(ctx, input: torch.Tensor, weight: Optional[torch.Tensor],
     ctx.virtual_batch_size = virtual_batch_size if training else None
     ctx.training, ctx.eps = training, eps
     ctx.activation, ctx.activation_param = activation.name, activation.param
+    ctx.activation_param2 = activation.param2
     ctx.epilogue_activation = activation  # the object itself: a frozen dataclass is slow to build
     ctx.memory_efficient, ctx.has_residual = memory_efficient, residual is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -559,23 +580,23 @@ def _input_grads(ctx, grad_output: torch.Tensor, through_ops: bool):
     residual_from_kernel = ctx.has_residual and ctx.activation != "identity"
     output_mask = [needs[0], needs[1], needs[2], needs[9] and residual_from_kernel]
     epilogue = (ctx.has_residual, ctx.activation, ctx.activation_param, ctx.memory_efficient,
-                ctx.eps)
+                ctx.eps, ctx.activation_param2)
     transformed = torch._C._are_functorch_transforms_active()
     if ctx.virtual_batch_size is not None and through_ops:
         grads = torch.ops.bn_triton.ghost_batch_norm_backward(
             grad_output, input, output, residual, weight, bias, mean, invstd,
             ctx.virtual_batch_size, output_mask, ctx.bias_dtype, ctx.has_residual,
-            ctx.activation, ctx.activation_param, ctx.eps)
+            ctx.activation, ctx.activation_param, ctx.eps, ctx.activation_param2)
     elif renorm is not None and ctx.group_name is not None:
         grads = torch.ops.bn_triton.sync_batch_renorm_backward(
             grad_output, input, output, residual, weight, bias, mean, invstd, count, renorm,
             output_mask, ctx.bias_dtype, ctx.group_name, ctx.has_residual, ctx.activation,
-            ctx.activation_param, ctx.eps)
+            ctx.activation_param, ctx.eps, ctx.activation_param2)
     elif renorm is not None and through_ops:  # (torch.func runs renorm in torch's ops)
         grads = torch.ops.bn_triton.batch_renorm_backward(
             grad_output, input, output, residual, weight, bias, mean, invstd, renorm,
             output_mask, ctx.bias_dtype, ctx.has_residual, ctx.activation,
-            ctx.activation_param, ctx.eps)
+            ctx.activation_param, ctx.eps, ctx.activation_param2)
     elif ctx.group_name is not None and transformed:
         grads = SyncBatchNormBackwardFunction.apply(
             grad_output, input, output, residual, weight, bias, mean, invstd, count,
@@ -615,34 +636,36 @@ class BatchNormFunction(torch.autograd.Function):
                 bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
                 training: bool, momentum: float, eps: float, residual: Optional[torch.Tensor],
-                activation: str, activation_param: float, memory_efficient: bool,
-                group_name: Optional[str]):
+                activation: str, activation_param: float, activation_param2: float,
+                memory_efficient: bool, group_name: Optional[str]):
         if group_name is not None:  # SyncBatchNorm: also the total count across the ranks
             return torch.ops.bn_triton.sync_batch_norm_forward(
                 input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
-                eps, group_name, residual, activation, activation_param, memory_efficient)
+                eps, group_name, residual, activation, activation_param, memory_efficient,
+                activation_param2)
         return torch.ops.bn_triton.batch_norm_forward(
             input, weight, bias, running_mean, running_var, num_batches_tracked, training,
-            momentum, eps, residual, activation, activation_param, memory_efficient)
+            momentum, eps, residual, activation, activation_param, memory_efficient,
+            activation_param2)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (input, weight, bias, _, _, _, training, _, eps, residual, activation, activation_param,
-         memory_efficient, group_name) = inputs
+         activation_param2, memory_efficient, group_name) = inputs
         output, mean, invstd, *count = output
         ctx.mark_non_differentiable(mean, invstd, *count)
         _save_for_backward(ctx, input, weight, bias, residual, output, mean, invstd,
                            count[0] if count else None, training, eps,
-                           Activation(activation, activation_param), memory_efficient,
-                           group_name)
+                           Activation(activation, activation_param, activation_param2),
+                           memory_efficient, group_name)
 
     @staticmethod
     def backward(ctx, grad_output, *_grad_statistics):
         if grad_output is None:  # only the (non-differentiable) statistics reached the loss
-            return (None,) * 14
+            return (None,) * 15
         grad_input, grad_weight, grad_bias, grad_residual = _input_grads(ctx, grad_output, True)
         return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None,
-                grad_residual, None, None, None, None)
+                grad_residual, None, None, None, None, None)
 
 class TransformedBatchNormFunction(BatchNormFunction):
     """BatchNormFunction with forward mode (jvp: forward_ad.py) and vmap (the ops' batching
@@ -691,32 +714,34 @@ class BatchRenormFunction(torch.autograd.Function):
                 running_var: torch.Tensor, num_batches_tracked: Optional[torch.Tensor],
                 renorm_limits: torch.Tensor, momentum: float, eps: float,
                 residual: Optional[torch.Tensor], activation: str, activation_param: float,
-                group_name: Optional[str]):
+                activation_param2: float, group_name: Optional[str]):
         if group_name is not None:  # SyncBatchRenorm: also the total count across the ranks
             return torch.ops.bn_triton.sync_batch_renorm_forward(
                 input, weight, bias, running_mean, running_var, num_batches_tracked,
                 renorm_limits, momentum, eps, group_name, residual, activation,
-                activation_param)
+                activation_param, activation_param2)
         return torch.ops.bn_triton.batch_renorm_forward(
             input, weight, bias, running_mean, running_var, num_batches_tracked, renorm_limits,
-            momentum, eps, residual, activation, activation_param)
+            momentum, eps, residual, activation, activation_param, activation_param2)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, *_, eps, residual, activation, activation_param, group_name = inputs
+        (input, weight, bias, *_, eps, residual, activation, activation_param, activation_param2,
+         group_name) = inputs
         output, mean, invstd, *count, factors = output
         ctx.mark_non_differentiable(mean, invstd, factors, *count)
         _save_for_backward(ctx, input, weight, bias, residual, output, mean, invstd,
                            count[0] if count else None, True, eps,
-                           Activation(activation, activation_param), False, group_name, factors)
+                           Activation(activation, activation_param, activation_param2), False,
+                           group_name, factors)
 
     @staticmethod
     def backward(ctx, grad_output, *_grad_statistics):
         if grad_output is None:
-            return (None,) * 13
+            return (None,) * 14
         grad_input, grad_weight, grad_bias, grad_residual = _input_grads(ctx, grad_output, True)
         return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None,
-                grad_residual, None, None, None)
+                grad_residual, None, None, None, None)
 
 
 class GhostBatchNormFunction(torch.autograd.Function):
@@ -728,28 +753,31 @@ class GhostBatchNormFunction(torch.autograd.Function):
                 bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
                 virtual_batch_size: int, momentum: float, eps: float,
-                residual: Optional[torch.Tensor], activation: str, activation_param: float):
+                residual: Optional[torch.Tensor], activation: str, activation_param: float,
+                activation_param2: float):
         return torch.ops.bn_triton.ghost_batch_norm_forward(
             input, weight, bias, running_mean, running_var, num_batches_tracked,
-            virtual_batch_size, momentum, eps, residual, activation, activation_param)
+            virtual_batch_size, momentum, eps, residual, activation, activation_param,
+            activation_param2)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (input, weight, bias, _, _, _, virtual_batch_size, _, eps, residual, activation,
-         activation_param) = inputs
+         activation_param, activation_param2) = inputs
         output, mean, invstd = output
         ctx.mark_non_differentiable(mean, invstd)
         _save_for_backward(ctx, input, weight, bias, residual, output, mean, invstd, None, True,
-                           eps, Activation(activation, activation_param), False, None, None,
+                           eps, Activation(activation, activation_param, activation_param2),
+                           False, None, None,
                            virtual_batch_size)
 
     @staticmethod
     def backward(ctx, grad_output, *_grad_statistics):
         if grad_output is None:
-            return (None,) * 12
+            return (None,) * 13
         grad_input, grad_weight, grad_bias, grad_residual = _input_grads(ctx, grad_output, True)
         return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None,
-                grad_residual, None, None)
+                grad_residual, None, None, None)
 
 
 class EagerBatchNormFunction(torch.autograd.Function):
@@ -880,22 +908,23 @@ def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
                                num_batches_tracked, training, momentum, eps, residual,
                                activation, memory_efficient, renorm_limits,
                                virtual_batch_size)[0]
-    name, param = (activation.name, activation.param) if activation else ("identity", 0.0)
+    name, param, param2 = ((activation.name, activation.param, activation.param2) if activation
+                           else ("identity", 0.0, 0.0))
     if virtual_batch_size is not None:
         return GhostBatchNormFunction.apply(input, weight, bias, running_mean, running_var,
                                             num_batches_tracked, virtual_batch_size, momentum,
-                                            eps, residual, name, param)[0]
+                                            eps, residual, name, param, param2)[0]
     if renorm_limits is not None:
         return BatchRenormFunction.apply(input, weight, bias, running_mean, running_var,
                                          num_batches_tracked, renorm_limits, momentum, eps,
-                                         residual, name, param, group_name)[0]
+                                         residual, name, param, param2, group_name)[0]
     transformed = not torch.compiler.is_compiling() and (
         torch._C._are_functorch_transforms_active()
         or torch.autograd.forward_ad._current_level >= 0)
     function = TransformedBatchNormFunction if transformed else BatchNormFunction
     return function.apply(input, weight, bias, running_mean, running_var,
                                    num_batches_tracked, training, momentum, eps, residual,
-                                   name, param, memory_efficient, group_name)[0]
+                                   name, param, param2, memory_efficient, group_name)[0]
 
 
 from . import batching  # noqa: E402,F401  (the ops' vmap rules, registered on import)

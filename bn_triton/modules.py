@@ -7,8 +7,8 @@ import torch
 from torch import fx, nn
 
 from .dispatch import TORCH, backend
-from .epilogue import (IDENTITY, Activation, activation_of_layer, check_memory_efficient,
-                       torch_activation)
+from .epilogue import (ACTIVATIONS, IDENTITY, Activation, activation_of_layer,
+                       check_memory_efficient, torch_activation)
 from .functional import (apply_batch_norm, check_batch_norm_args, check_ghost_args,
                          composed_batch_norm, composed_batch_renorm, composed_ghost_batch_norm)
 
@@ -126,8 +126,12 @@ class BatchNorm3d(_TritonBatchNorm, nn.BatchNorm3d):
 class _TritonBatchNormAct(_TritonBatchNorm):
     """act(BN(x) + residual) in the launches of BN alone: timm's BatchNormAct as a subclass of
     torch's BatchNorm class, so the parameters and buffers, and so the state_dict keys, are
-    nn.BatchNorm's (weights load both ways). The activation is held by name and parameter, not
-    as a submodule."""
+    nn.BatchNorm's (weights load both ways). The activation is held by name and parameters
+    (activation, activation_param, activation_param2: hardtanh's min_val and max_val), not as
+    a submodule."""
+
+    # A layer pickled before activation_param2 existed reads this one.
+    activation_param2 = 0.0
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, apply_act: bool = True,
@@ -144,6 +148,7 @@ class _TritonBatchNormAct(_TritonBatchNorm):
             check_memory_efficient(activation, has_residual=False)
         self.activation = activation.name
         self.activation_param = activation.param
+        self.activation_param2 = activation.param2
         self.memory_efficient = memory_efficient
 
     @traced_as_leaf
@@ -152,7 +157,7 @@ class _TritonBatchNormAct(_TritonBatchNorm):
         """act(BN(input) + residual). A residual that does not match the input in shape, dtype
         or device (one that torch's add would broadcast or promote) is added unfused, after a
         batch norm without activation, so that the result is exactly the unfused one's."""
-        activation = Activation(self.activation, self.activation_param)
+        activation = Activation(self.activation, self.activation_param, self.activation_param2)
         if residual is not None and not _matches(residual, input):
             check_addable(input, residual)
             out = self._batch_norm(input) + residual
@@ -163,9 +168,10 @@ class _TritonBatchNormAct(_TritonBatchNorm):
 
     def extra_repr(self) -> str:
         act = self.activation
-        if act in ("leaky_relu", "elu"):
-            keyword = "negative_slope" if act == "leaky_relu" else "alpha"
-            act = f"{act}({keyword}={self.activation_param})"
+        keywords = [keyword for keyword, _ in ACTIVATIONS.get(act, ())]
+        if keywords:
+            values = (self.activation_param, self.activation_param2)
+            act = f"{act}({', '.join(f'{k}={v}' for k, v in zip(keywords, values))})"
         saving = ", memory_efficient=True" if self.memory_efficient else ""
         return f"{super().extra_repr()}, act={act}{saving}"
 

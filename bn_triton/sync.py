@@ -117,7 +117,7 @@ class SyncBatchNormAct(_TritonSyncBatchNorm, _TritonBatchNormAct, nn.SyncBatchNo
         group_name = sync_group_name(self)
         if group_name is None:
             return _TritonBatchNormAct.forward(self, input, residual)
-        activation = Activation(self.activation, self.activation_param)
+        activation = Activation(self.activation, self.activation_param, self.activation_param2)
         unfused = residual is not None and not _matches(residual, input)
         if unfused:
             check_addable(input, residual)

@@ -9,7 +9,7 @@ Algorithm 1) and of its fused epilogue y = act(z), z = x̂·γ + β + residual, 
 Where dz comes from (DZ_FROM, a constexpr): "dy" (no activation, or dz already computed);
 "x": z recomputed from x, which backward reads anyway, so an activation costs no traffic;
 "x_residual": z recomputed from x and the saved residual; "output": act'(z) from the saved
-output y (relu, leaky_relu, elu), read instead of the residual. XHAT_FROM_OUTPUT is the
+output y (relu, leaky_relu, elu, celu, selu), read instead of the residual. XHAT_FROM_OUTPUT is the
 memory-saving mode (In-Place ABN, Rota Bulò et al., CVPR 2018): x is not kept, x̂ is recovered
 from y as (act⁻¹(y) - β)/γ̂ with γ̂ = |γ| + eps, never zero, and dγ = Σ dz·x̂·sign(γ).
 
@@ -38,7 +38,8 @@ from .stats import (COMBINE_TILE, SPLIT_COUNTS, channel_scale, channel_shift, di
 
 @triton.jit
 def grad_z_and_centred(dy, x_ptr, x_offsets, y_ptr, y_offsets, residual_ptr, residual_offsets,
-                       mask, mean, scale, shift, inv_scale, param, acc_dtype: tl.constexpr,
+                       mask, mean, scale, shift, inv_scale, param, param2,
+                       acc_dtype: tl.constexpr,
                        LOAD_X: tl.constexpr, ACTIVATION: tl.constexpr, DZ_FROM: tl.constexpr,
                        XHAT_FROM_OUTPUT: tl.constexpr):
     """(dz, x - mean) of a tile or a slab, zero where masked. mean, scale = γ·invstd (γ̂·invstd
@@ -47,12 +48,12 @@ def grad_z_and_centred(dy, x_ptr, x_offsets, y_ptr, y_offsets, residual_ptr, res
     (dx with constant statistics, nothing to recompute) x is not read and x - mean is 0."""
     if XHAT_FROM_OUTPUT:
         y = tl.load(y_ptr + y_offsets, mask=mask, other=0.0).to(acc_dtype)
-        z = activations.inverse(y, param, ACTIVATION)
+        z = activations.inverse(y, param, param2, ACTIVATION)
         centred = (z - shift) * inv_scale
         if ACTIVATION == "identity":
             dz = dy
         else:
-            dz = dy * activations.grad_from_output(y, param, ACTIVATION)
+            dz = dy * activations.grad_from_output(y, param, param2, ACTIVATION)
     else:
         if LOAD_X:
             x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(acc_dtype)
@@ -63,26 +64,27 @@ def grad_z_and_centred(dy, x_ptr, x_offsets, y_ptr, y_offsets, residual_ptr, res
             dz = dy
         elif DZ_FROM == "output":
             y = tl.load(y_ptr + y_offsets, mask=mask, other=0.0).to(acc_dtype)
-            dz = dy * activations.grad_from_output(y, param, ACTIVATION)
+            dz = dy * activations.grad_from_output(y, param, param2, ACTIVATION)
         else:
             z = centred * scale + shift
             if DZ_FROM == "x_residual":
                 z += tl.load(residual_ptr + residual_offsets, mask=mask, other=0.0).to(acc_dtype)
-            dz = dy * activations.grad(z, param, ACTIVATION)
+            dz = dy * activations.grad(z, param, param2, ACTIVATION)
     return tl.where(mask, dz, 0.0), tl.where(mask, centred, 0.0)
 
 
 @triton.jit
 def channel_terms(weight_ptr, bias_ptr, mean_ptr, invstd_ptr, renorm_ptr, c, c_mask, C, eps,
-                  eps_lo, act_param, act_param_lo, HAS_WEIGHT: tl.constexpr,
+                  eps_lo, act_param, act_param_lo, act_param2, act_param2_lo,
+                  HAS_WEIGHT: tl.constexpr,
                   HAS_BIAS: tl.constexpr, XHAT_FROM_OUTPUT: tl.constexpr,
                   RENORM: tl.constexpr):
     """What every backward kernel reads per channel: mean, invstd, scale = γ·invstd (γ̂·invstd
     with XHAT_FROM_OUTPUT, see channel_scale), shift = β, inv_scale = 1/scale (1 in masked-off
-    channels: no 1/0) and the activation's parameter, in the accumulation dtype. With RENORM
-    (Batch Renormalization), z = γ·(x̂·r + d) + β: scale is γ·invstd·r and shift β + γ·d, so
-    dx = scale·(...) carries γ·r, as Algorithm 1 of arXiv:1702.03275 differentiates with r
-    and d held constant."""
+    channels: no 1/0) and the activation's two parameters, in the accumulation dtype. With
+    RENORM (Batch Renormalization), z = γ·(x̂·r + d) + β: scale is γ·invstd·r and shift
+    β + γ·d, so dx = scale·(...) carries γ·r, as Algorithm 1 of arXiv:1702.03275
+    differentiates with r and d held constant."""
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
     scale = channel_scale(weight_ptr, c, c_mask, invstd, eps, eps_lo, HAS_WEIGHT,
@@ -94,14 +96,15 @@ def channel_terms(weight_ptr, bias_ptr, mean_ptr, invstd_ptr, renorm_ptr, c, c_m
         scale, shift = renorm_affine(weight_ptr, c, c_mask, scale, shift, r, d, HAS_WEIGHT)
     inv_scale = divide(tl.zeros(scale.shape, scale.dtype) + 1.0, tl.where(c_mask, scale, 1.0))
     param = activations.parameter(act_param, act_param_lo, invstd.dtype)
-    return mean, invstd, scale, shift, inv_scale, param
+    param2 = activations.parameter(act_param2, act_param2_lo, invstd.dtype)
+    return mean, invstd, scale, shift, inv_scale, param, param2
 
 
 @triton.jit
 def tile_grad_z(dy_ptr, x_ptr, y_ptr, residual_ptr, pid_c, tile, tiles_per_n, C, S,
                 stride_dyn, stride_dyc, stride_dys, stride_xn, stride_xc, stride_xs,
                 stride_yn, stride_yc, stride_ys, stride_rn, stride_rc, stride_rs,
-                mean, scale, shift, inv_scale, param, LOAD_X: tl.constexpr,
+                mean, scale, shift, inv_scale, param, param2, LOAD_X: tl.constexpr,
                 ACTIVATION: tl.constexpr, DZ_FROM: tl.constexpr,
                 XHAT_FROM_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                 INT64: tl.constexpr, VECTOR: tl.constexpr):
@@ -118,8 +121,8 @@ def tile_grad_z(dy_ptr, x_ptr, y_ptr, residual_ptr, pid_c, tile, tiles_per_n, C,
     dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(mean.dtype)
     dz, centred = grad_z_and_centred(
         dy, x_ptr, x_offsets, y_ptr, y_offsets, residual_ptr, r_offsets, mask,
-        mean[:, None], scale[:, None], shift[:, None], inv_scale[:, None], param, mean.dtype,
-        LOAD_X, ACTIVATION, DZ_FROM, XHAT_FROM_OUTPUT)
+        mean[:, None], scale[:, None], shift[:, None], inv_scale[:, None], param, param2,
+        mean.dtype, LOAD_X, ACTIVATION, DZ_FROM, XHAT_FROM_OUTPUT)
     return dz, centred, mask
 
 
@@ -153,7 +156,7 @@ def dy_sums_kernel(
     mean_ptr, invstd_ptr, renorm_ptr, part_sum_dy_ptr, part_sum_dy_xmu_ptr, tickets_ptr,
     epoch, mean_dy_ptr, mean_dy_xhat_ptr, grad_weight_ptr, grad_bias_ptr,
     C, S, inv_count, inv_count_lo, eps, eps_lo, act_param, act_param_lo,
-    tiles_per_n, num_tiles, tiles_per_split, num_splits,
+    act_param2, act_param2_lo, tiles_per_n, num_tiles, tiles_per_split, num_splits,
     num_runs, N_last, S_last, run_step_n, run_step_s, inv_count_last, inv_count_last_lo,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs, stride_dyn, stride_dyc, stride_dys,
@@ -213,9 +216,10 @@ def dy_sums_kernel(
             grad_bias_ptr += run * C
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mean, invstd, scale, shift, inv_scale, param = channel_terms(
+    mean, invstd, scale, shift, inv_scale, param, param2 = channel_terms(
         weight_ptr, bias_ptr, mean_ptr, invstd_ptr, renorm_ptr, c, c_mask, C, eps, eps_lo,
-        act_param, act_param_lo, HAS_WEIGHT, HAS_BIAS, XHAT_FROM_OUTPUT, RENORM)
+        act_param, act_param_lo, act_param2, act_param2_lo, HAS_WEIGHT, HAS_BIAS,
+        XHAT_FROM_OUTPUT, RENORM)
 
     # Lane-wise sums over the tiles, reduced across the block once after the loop: no
     # barrier inside the loop.
@@ -227,7 +231,7 @@ def dy_sums_kernel(
             dy_ptr, x_ptr, y_ptr, residual_ptr, pid_c, tile, tiles_per_n, C, S, stride_dyn,
             stride_dyc, stride_dys, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc,
             stride_ys, stride_rn, stride_rc, stride_rs, mean, scale, shift, inv_scale, param,
-            True, ACTIVATION, DZ_FROM, XHAT_FROM_OUTPUT, BLOCK_C, BLOCK_S, INT64,
+            param2, True, ACTIVATION, DZ_FROM, XHAT_FROM_OUTPUT, BLOCK_C, BLOCK_S, INT64,
             VECTOR)
         if WRITE_GRAD_RESIDUAL:
             dr_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_drn,
@@ -273,7 +277,7 @@ def dy_sums_kernel(
 def input_grad_kernel(
     x_ptr, y_ptr, residual_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
     renorm_ptr, mean_dy_ptr, mean_dy_xhat_ptr, C, S, eps, eps_lo, act_param, act_param_lo,
-    tiles_per_n, num_tiles, tiles_per_split, num_splits,
+    act_param2, act_param2_lo, tiles_per_n, num_tiles, tiles_per_split, num_splits,
     num_runs, N_last, S_last, run_step_n, run_step_s,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs, stride_dyn, stride_dyc, stride_dys,
@@ -311,9 +315,10 @@ def input_grad_kernel(
         mean_dy_xhat_ptr += run * C
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mean, invstd, scale, shift, inv_scale, param = channel_terms(
+    mean, invstd, scale, shift, inv_scale, param, param2 = channel_terms(
         weight_ptr, bias_ptr, mean_ptr, invstd_ptr, renorm_ptr, c, c_mask, C, eps, eps_lo,
-        act_param, act_param_lo, HAS_WEIGHT, HAS_BIAS, XHAT_FROM_OUTPUT, RENORM)
+        act_param, act_param_lo, act_param2, act_param2_lo, HAS_WEIGHT, HAS_BIAS,
+        XHAT_FROM_OUTPUT, RENORM)
     if BATCH_STATS:
         mean_dy = tl.load(mean_dy_ptr + c, mask=c_mask, other=0.0)
         xmu_coef = invstd * tl.load(mean_dy_xhat_ptr + c, mask=c_mask, other=0.0)
@@ -324,8 +329,8 @@ def input_grad_kernel(
             dy_ptr, x_ptr, y_ptr, residual_ptr, pid_c, tile, tiles_per_n, C, S, stride_dyn,
             stride_dyc, stride_dys, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc,
             stride_ys, stride_rn, stride_rc, stride_rs, mean, scale, shift, inv_scale, param,
-            BATCH_STATS or DZ_FROM == "x" or DZ_FROM == "x_residual", ACTIVATION, DZ_FROM,
-            XHAT_FROM_OUTPUT, BLOCK_C, BLOCK_S, INT64, VECTOR)
+            param2, BATCH_STATS or DZ_FROM == "x" or DZ_FROM == "x_residual", ACTIVATION,
+            DZ_FROM, XHAT_FROM_OUTPUT, BLOCK_C, BLOCK_S, INT64, VECTOR)
         dx_offsets, _ = tile_offsets(pid_c, tile, tiles_per_n, C, S, stride_dxn, stride_dxc,
                                      stride_dxs, BLOCK_C, BLOCK_S, INT64, VECTOR)
         if BATCH_STATS:
@@ -338,7 +343,7 @@ def input_grad_kernel(
 def backward_slab_kernel(
     x_ptr, y_ptr, residual_ptr, dy_ptr, dx_ptr, grad_residual_ptr, weight_ptr, bias_ptr,
     mean_ptr, invstd_ptr, renorm_ptr, grad_weight_ptr, grad_bias_ptr,
-    C, N, S, M, eps, eps_lo, act_param, act_param_lo,
+    C, N, S, M, eps, eps_lo, act_param, act_param_lo, act_param2, act_param2_lo,
     num_runs, N_last, S_last, run_step_n, run_step_s,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs, stride_dyn, stride_dyc, stride_dys,
@@ -389,9 +394,10 @@ def backward_slab_kernel(
             grad_bias_ptr += run * C
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mean, invstd, scale, shift, inv_scale, param = channel_terms(
+    mean, invstd, scale, shift, inv_scale, param, param2 = channel_terms(
         weight_ptr, bias_ptr, mean_ptr, invstd_ptr, renorm_ptr, c, c_mask, C, eps, eps_lo,
-        act_param, act_param_lo, HAS_WEIGHT, HAS_BIAS, XHAT_FROM_OUTPUT, RENORM)
+        act_param, act_param_lo, act_param2, act_param2_lo, HAS_WEIGHT, HAS_BIAS,
+        XHAT_FROM_OUTPUT, RENORM)
 
     dy_offsets, mask = slab_offsets(pid_c, C, N, S, stride_dyn, stride_dyc, stride_dys,
                                     BLOCK_C, BLOCK_N, BLOCK_S, INT64)
@@ -408,7 +414,7 @@ def backward_slab_kernel(
     dz, centred = grad_z_and_centred(
         dy, x_ptr, x_offsets, y_ptr, y_offsets, residual_ptr, r_offsets, mask,
         mean[:, None, None], scale[:, None, None], shift[:, None, None],
-        inv_scale[:, None, None], param, acc_dtype,
+        inv_scale[:, None, None], param, param2, acc_dtype,
         WRITE_GRAD_WEIGHT or (WRITE_GRAD_INPUT and BATCH_STATS) or DZ_FROM == "x"
         or DZ_FROM == "x_residual",
         ACTIVATION, DZ_FROM, XHAT_FROM_OUTPUT)

@@ -26,12 +26,12 @@ from .stats import (SPLIT_COUNTS, channel_pivot, channel_scale, channel_shift, d
 
 
 @triton.jit
-def epilogue(z, residual_ptr, residual_offsets, mask, act_param, HAS_RESIDUAL: tl.constexpr,
-             ACTIVATION: tl.constexpr):
+def epilogue(z, residual_ptr, residual_offsets, mask, act_param, act_param2,
+             HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr):
     """act(z + residual) of a tile or slab; z = x̂·γ + β, in the accumulation dtype."""
     if HAS_RESIDUAL:
         z += tl.load(residual_ptr + residual_offsets, mask=mask, other=0.0).to(z.dtype)
-    return activations.activate(z, act_param, ACTIVATION)
+    return activations.activate(z, act_param, act_param2, ACTIVATION)
 
 
 @triton.jit(do_not_specialize=SPLIT_COUNTS)
@@ -39,7 +39,8 @@ def normalize_kernel(
     x_ptr, y_ptr, residual_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr, centre_ptr,
     running_mean_ptr, running_var_ptr, renorm_ptr,
     C, S, tiles_per_n, num_tiles, tiles_per_split, num_splits, eps, eps_lo,
-    act_param, act_param_lo, num_runs, N_last, S_last, run_step_n, run_step_s,
+    act_param, act_param_lo, act_param2, act_param2_lo,
+    num_runs, N_last, S_last, run_step_n, run_step_s,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BATCH_STATS: tl.constexpr,
@@ -55,10 +56,11 @@ def normalize_kernel(
     Otherwise mean = running_mean, invstd = 1/sqrt(running_var + eps) (eps a float32 pair, see
     update_running_stats), which split 0 writes to mean/invstd for backward. RENORM (with
     BATCH_STATS): Batch Renormalization, y = act(γ·(x̂·r + d) + β + residual) with r, d
-    from batch_stats_kernel (renorm: (2, C)). act_param: the activation's parameter as a
-    float32 pair. GHOST (ghost batch norm, with BATCH_STATS): grid (cdiv(C, BLOCK_C),
-    num_splits, num_runs), program (pid_c, k, g) normalizes virtual batch g with row g of
-    mean, invstd, centre: (num_runs, C) (see stats.ghost_run, stats.run_offset)."""
+    from batch_stats_kernel (renorm: (2, C)). act_param, act_param2: the activation's
+    parameters, each a float32 pair. GHOST (ghost batch norm, with BATCH_STATS): grid
+    (cdiv(C, BLOCK_C), num_splits, num_runs), program (pid_c, k, g) normalizes virtual batch
+    g with row g of mean, invstd, centre: (num_runs, C) (see stats.ghost_run,
+    stats.run_offset)."""
     acc_dtype = invstd_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
@@ -97,6 +99,7 @@ def normalize_kernel(
         d = tl.load(renorm_ptr + C + c, mask=c_mask, other=0.0)
         scale, shift = renorm_affine(weight_ptr, c, c_mask, scale, shift, r, d, HAS_WEIGHT)
     param = activations.parameter(act_param, act_param_lo, acc_dtype)
+    param2 = activations.parameter(act_param2, act_param2_lo, acc_dtype)
 
     first, last = split_range(split, tiles_per_split, num_tiles, INT64)
     for tile in range(first, last):
@@ -108,7 +111,8 @@ def normalize_kernel(
                                     stride_rs, BLOCK_C, BLOCK_S, INT64, VECTOR)
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(acc_dtype)
         z = ((x - pivot[:, None]) - centre[:, None]) * scale[:, None] + shift[:, None]
-        y = epilogue(z, residual_ptr, r_offsets, mask, param, HAS_RESIDUAL, ACTIVATION)
+        y = epilogue(z, residual_ptr, r_offsets, mask, param, param2, HAS_RESIDUAL,
+                     ACTIVATION)
         tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -134,7 +138,7 @@ def forward_slab_kernel(
     x_ptr, y_ptr, residual_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
     running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, renorm_ptr, renorm_limits_ptr,
     var_ptr, C, N, S, M, momentum, momentum_lo, eps, eps_lo, act_param, act_param_lo,
-    num_runs, N_last, S_last, run_step_n, run_step_s,
+    act_param2, act_param2_lo, num_runs, N_last, S_last, run_step_n, run_step_s,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -204,7 +208,8 @@ def forward_slab_kernel(
     r_offsets, _ = slab_offsets(pid_c, C, N, S, stride_rn, stride_rc, stride_rs,
                                 BLOCK_C, BLOCK_N, BLOCK_S, INT64)
     param = activations.parameter(act_param, act_param_lo, acc_dtype)
-    y = epilogue(z, residual_ptr, r_offsets, mask, param, HAS_RESIDUAL, ACTIVATION)
+    param2 = activations.parameter(act_param2, act_param2_lo, acc_dtype)
+    y = epilogue(z, residual_ptr, r_offsets, mask, param, param2, HAS_RESIDUAL, ACTIVATION)
     y_offsets, _ = slab_offsets(pid_c, C, N, S, stride_yn, stride_yc, stride_ys,
                                 BLOCK_C, BLOCK_N, BLOCK_S, INT64)
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)

@@ -229,7 +229,8 @@ def run_scenario(scenario: Dict[str, Any]) -> List[Tuple[Any, tuple, dict]]:
         launches.append((self, args, kwargs))
 
     from bn_triton.epilogue import Activation
-    activation = Activation(scenario.get("activation", "identity"), scenario.get("act_param", 0.0))
+    activation = Activation(scenario.get("activation", "identity"), scenario.get("act_param", 0.0),
+                            scenario.get("act_param2", 0.0))
     residual = (_meta_tensor(torch, shape, dtype, scenario.get("residual_layout", "contiguous"))
                 if scenario.get("residual") else None)
     memory_efficient = scenario.get("memory_efficient", False)

@@ -76,7 +76,8 @@ def layer_step(rank, world, inputs):
         x_all, dy_all = case["x"], case["dy"]
         lo, hi = case["slices"][rank]
         layer_cls = bn_triton.SyncBatchNormAct if case.get("act") else bn_triton.SyncBatchNorm
-        kwargs = dict(act_layer=case["act"]) if case.get("act") else {}
+        kwargs = (dict(act_layer=case["act"], act_kwargs=case.get("act_kwargs"))
+                  if case.get("act") else {})
         if case.get("renorm"):
             layer_cls = bn_triton.SyncBatchRenorm
             kwargs = dict(zip(("r_max", "d_max"), case["renorm"]))

@@ -154,21 +154,35 @@ for mode, call in MODES.items():
 # The fused epilogue (bn_triton.epilogue): every activation in a forward and a backward
 # kernel, every source of dz, the residual on both paths, the memory-saving mode; sm_90
 # only where an sm_80 build would add nothing the scenarios with both targets show.
-ACTIVATIONS = ("relu", "leaky_relu", "elu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh")
-PARAMS = {"leaky_relu": 0.01, "elu": 1.0}
+ACTIVATIONS = ("relu", "leaky_relu", "elu", "celu", "selu", "relu6", "hardtanh", "hardsigmoid",
+               "hardswish", "hard_mish", "silu", "quick_gelu", "mish", "gelu", "gelu_tanh",
+               "sigmoid", "tanh")
+PARAMS = {"leaky_relu": dict(act_param=0.01), "elu": dict(act_param=1.0),
+          "celu": dict(act_param=1.0), "hardtanh": dict(act_param=-1.0, act_param2=1.0)}
 FUSED = [
     # No residual: z recomputed from x (DZ_FROM "x"), split and slab.
     *[scenario(f"fused-{act}-float32", RESNET if i % 2 else SLAB, "float32",
-               BOTH if act == "relu" else SM90, activation=act,
-               act_param=PARAMS.get(act, 0.0)) for i, act in enumerate(ACTIVATIONS)],
+               BOTH if act == "relu" else SM90, activation=act, **PARAMS.get(act, {}))
+      for i, act in enumerate(ACTIVATIONS)],
     # A residual with an act' from the output (DZ_FROM "output"): dz written as d(residual).
     scenario("fused-relu-residual-float32", RESNET, "float32", BOTH, activation="relu",
              residual=True, all_configs=True),
     scenario("fused-relu-residual-bfloat16", RESNET, "bfloat16", SM90, activation="relu",
              residual=True, param_dtype="float32"),
+    # celu's and selu's act' from the output too.
+    scenario("fused-celu-residual-float32", RESNET, "float32", SM90, activation="celu",
+             act_param=1.0, residual=True),
+    scenario("slab-fused-selu-residual-bfloat16", SLAB, "bfloat16", SM90, activation="selu",
+             residual=True, param_dtype="float32"),
     # ... recomputed from x and the residual (DZ_FROM "x_residual").
     scenario("fused-silu-residual-float32", RESNET, "float32", SM90, activation="silu",
              residual=True),
+    scenario("fused-hardtanh-residual-bfloat16", RESNET, "bfloat16", SM90,
+             activation="hardtanh", act_param=-0.5, act_param2=2.0, residual=True),
+    scenario("slab-max-fused-mish-residual-float32", (64, 32, 16, 16), "float32", BOTH,
+             activation="mish", residual=True),
+    scenario("slab-fused-hardswish-residual-float32", SLAB, "float32", SM90,
+             activation="hardswish", residual=True),
     scenario("fused-gelu-residual-bfloat16", RESNET, "bfloat16", SM90, activation="gelu",
              residual=True),
     # The residual's grad not asked for: dz handed from the sums to dx through a buffer.
@@ -194,6 +208,12 @@ FUSED = [
              activation="gelu_tanh"),
     scenario("fused-silu-residual-float64", RESNET, "float64", BOTH, activation="silu",
              residual=True),
+    # mish: two exps a value (e^z, and σ(z) backward), the heaviest epilogue in float64.
+    scenario("fused-mish-residual-float64", RESNET, "float64", BOTH, activation="mish",
+             residual=True),
+    scenario("slab-fused-mish-float64", (16, 16, 16, 16), "float64", BOTH, activation="mish"),
+    scenario("slab-fused-celu-residual-float64", (16, 16, 16, 16), "float64", BOTH,
+             activation="celu", act_param=0.5, residual=True),
     # A channels_last residual beside contiguous x, and the other way round.
     scenario("fused-relu-residual-nhwc-float32", RESNET, "float32", SM90, activation="relu",
              residual=True, residual_layout="channels_last"),
@@ -216,6 +236,10 @@ FUSED = [
              memory_efficient=True),
     scenario("slab-memory-efficient-leaky-float64", (16, 16, 16, 16), "float64", BOTH,
              activation="leaky_relu", act_param=0.1, memory_efficient=True),
+    scenario("memory-efficient-celu-float32", RESNET, "float32", SM90, activation="celu",
+             act_param=0.5, memory_efficient=True),
+    scenario("slab-memory-efficient-selu-float64", (16, 16, 16, 16), "float64", BOTH,
+             activation="selu", memory_efficient=True),
 ]
 SCENARIOS += FUSED
 

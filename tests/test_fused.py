@@ -18,7 +18,12 @@ from conftest import assert_no_worse_than_torch, assert_path, tolerance
 
 C = 3
 NAMES = list(ACTIVATIONS)
-KWARGS = {"leaky_relu": {"negative_slope": 0.2}, "elu": {"alpha": 0.7}}
+# hardtanh's bounds are not representable in any dtype (the float32 pair carries them to
+# float64); celu's alpha is a float32 one: torch's float64 celu backward rounds 1/alpha
+# through float32 (derivatives.yaml: 1.0/alpha.toFloat()), which the float64 reference would
+# carry and bn_triton does not.
+KWARGS = {"leaky_relu": {"negative_slope": 0.2}, "elu": {"alpha": 0.7}, "celu": {"alpha": 0.75},
+          "hardtanh": {"min_val": -0.7, "max_val": 1.3}}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -51,11 +56,11 @@ def run(fn, x, weight, bias, residual, grad_output, training=True, running=None,
 
 
 def torch_fused(x, running_mean, running_var, weight, bias, training, *, residual=None,
-                activation=None, activation_kwargs=None, memory_efficient=False):
+                activation=None, activation_kwargs=None, memory_efficient=False, eps=1e-5):
     """The unfused composition in torch's ops, in x's dtype (what a user writes today)."""
     if memory_efficient:
         weight = weight.abs() + 1e-5
-    y = F.batch_norm(x, running_mean, running_var, weight, bias, training)
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, eps=eps)
     if residual is not None:
         y = y + residual
     return torch_activation(parse_activation(activation, activation_kwargs))(y)
@@ -166,13 +171,52 @@ def test_gradgradcheck_float64(activation, device, launches):
     assert launches.backward_calls() > 0
 
 
-MEMORY_EFFICIENT = [("identity", None), ("leaky_relu", {"negative_slope": 0.1}),
-                    ("elu", {"alpha": 1.0})]
+# The activations' kinks and bounds, torch's saturation points (mish's cutoff at 20 of
+# kernels/activations.py), and values off them; KWARGS' hardtanh bounds and celu's alpha too.
+KINKS = [-25.0, -6.0, -3.0, -2.5, -2.0, -1.0, -0.7, -0.5, 0.0, 0.5, 1.0, 1.3, 2.0, 3.0, 4.5,
+         6.0, 7.0, 20.0, 25.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("activation", NAMES)
+def test_kinks_follow_torchs_backward(activation, with_residual, dtype, device, launches):
+    """y and act' exactly at the kinks: relu's, relu6's 0 and 6, hardtanh's min_val and
+    max_val (0 at and outside the bounds), hardsigmoid's ±3 (0), hardswish's -3 (0) and 3 (1),
+    hard_mish's -2 and 0, elu's, celu's and selu's 0 (the left side's value). z = x exactly
+    (eval with mean 0 and var + eps = 1, no affine, a zero residual), so that dx = act'(z)·dy
+    is the derivative torch's own backward kernels give at those points: through z recomputed
+    from x (no residual), and through the saved output or the saved residual."""
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.tensor(KINKS, device=device).repeat(2, C, 1).to(dtype)
+    eps = 2.0 ** -10
+    running_mean = torch.zeros(C, dtype=param_dtype, device=device)
+    running_var = torch.full((C,), 1.0 - eps, dtype=param_dtype, device=device)
+    residual = torch.zeros_like(x) if with_residual else None
+    grad_output = torch.randn(x.shape, device=device).to(dtype)
+    kwargs = dict(activation=activation, activation_kwargs=KWARGS.get(activation))
+    results = []
+    for fn in (bn_triton.batch_norm, torch_fused):
+        xi = x.clone().requires_grad_()
+        ri = residual.clone().requires_grad_() if with_residual else None
+        y = fn(xi, running_mean, running_var, None, None, False, eps=eps, residual=ri,
+               **kwargs)
+        grads = torch.autograd.grad(y, [t for t in (xi, ri) if t is not None], grad_output)
+        results.append((y, *grads))
+    for name, ours, theirs in zip(("y", "dx", "dr"), *results):
+        torch.testing.assert_close(ours, theirs, **tolerance(dtype), msg=lambda m: f"{name}: {m}")
+    assert launches.forward_calls() == 1 and launches.backward_calls() == 1
+
+
+MEMORY_EFFICIENT = {"identity": ("identity", None),
+                    "leaky_relu": ("leaky_relu", {"negative_slope": 0.1}),
+                    "elu": ("elu", {"alpha": 1.0}), "celu": ("celu", {"alpha": 0.75}),
+                    "celu-negative-alpha": ("celu", {"alpha": -0.5}), "selu": ("selu", None)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("activation,kwargs", MEMORY_EFFICIENT, ids=[a for a, _ in
-                                                                       MEMORY_EFFICIENT])
+@pytest.mark.parametrize("activation,kwargs", MEMORY_EFFICIENT.values(),
+                         ids=MEMORY_EFFICIENT.keys())
 def test_memory_efficient_gradients_equal_the_fused_ones(activation, kwargs, dtype, device,
                                                          launches, path):
     """The memory-saving mode recovers x̂ from y with γ̂ = |γ| + eps (In-Place ABN): its
@@ -231,8 +275,15 @@ def saved_activations(fn, x, numel):
     (dict(activation="silu", residual=True), ["x", "residual"]),  # z from x and the residual
     (dict(activation="leaky_relu", memory_efficient=True), ["y"]),  # one tensor, not x
     (dict(activation="elu", memory_efficient=True), ["y"]),
+    (dict(activation="celu", residual=True), ["x", "y"]),
+    (dict(activation="selu", memory_efficient=True), ["y"]),
+    # The clamps' act' from z: the rounded output cannot tell a bound from values next to it.
+    (dict(activation="hardtanh", residual=True), ["x", "residual"]),
+    (dict(activation="relu6", residual=True), ["x", "residual"]),
+    (dict(activation="mish"), ["x"]),
 ], ids=["relu", "silu", "relu-residual", "silu-residual", "memory-saving-leaky",
-        "memory-saving-elu"])
+        "memory-saving-elu", "celu-residual", "memory-saving-selu", "hardtanh-residual",
+        "relu6-residual", "mish"])
 def test_saved_tensors(case, expected, device, launches):
     x, weight, bias, residual, _ = inputs((4, C, 5, 6), torch.float32, device=device)
     x.requires_grad_()
@@ -306,12 +357,28 @@ BAD = [
      "residual"),
     (dict(activation="relu", residual="wrong-shape"), RuntimeError, "shape"),
     (dict(activation="relu", residual="wrong-dtype"), RuntimeError, "dtype"),
+    (dict(activation="hardtanh", activation_kwargs={"min_val": 1.0, "max_val": 1.0}),
+     ValueError, "max_val must be greater than min_val"),
+    (dict(activation="hardtanh", activation_kwargs={"min_val": 2.0}), ValueError,
+     "max_val must be greater than min_val"),  # against the default max_val = 1
+    (dict(activation="hardtanh", activation_kwargs={"max": 2.0}), ValueError,
+     "only 'min_val' and 'max_val'"),
+    (dict(activation="celu", activation_kwargs={"alpha": 0.0}), ValueError, "alpha must not"),
+    (dict(activation="relu6", activation_kwargs={"max_val": 6.0}), ValueError,
+     "takes no parameters"),
+    (dict(activation="relu6", memory_efficient=True), ValueError, "invertible"),
+    (dict(activation="hardtanh", memory_efficient=True), ValueError, "invertible"),
+    (dict(activation="mish", memory_efficient=True), ValueError, "invertible"),
+    (dict(activation="hard_swish"), ValueError, "unknown activation"),  # timm's alias: layers
 ]
 
 
 @pytest.mark.parametrize("kwargs,error,match", BAD, ids=[
     "unknown-name", "parameter-for-relu", "unknown-keyword", "nan", "string", "relu-saving",
-    "negative-slope-saving", "residual-saving", "residual-shape", "residual-dtype"])
+    "negative-slope-saving", "residual-saving", "residual-shape", "residual-dtype",
+    "hardtanh-equal-bounds", "hardtanh-min-above-default-max", "hardtanh-unknown-keyword",
+    "celu-alpha-0", "relu6-parameter", "relu6-saving", "hardtanh-saving", "mish-saving",
+    "alias-in-functional"])
 def test_bad_arguments_raise_before_anything_runs(kwargs, error, match, device, launches):
     x = torch.randn(4, C, 5, device=device)
     residual = {"same": torch.randn_like(x), "wrong-shape": torch.randn(4, C, 6, device=device),

@@ -66,7 +66,24 @@ def assert_same_training(ours, theirs, shape, residual, steps=2, device="cpu"):
     (nn.LeakyReLU, {"negative_slope": 0.2, "inplace": True}, "leaky_relu",
      {"negative_slope": 0.2}),
     (nn.ELU(alpha=0.5), None, "elu", {"alpha": 0.5}),
-], ids=["relu", "SiLU", "swish", "GELU-tanh", "LeakyReLU", "ELU-instance"])
+    (nn.Hardtanh, {"min_val": -0.5, "max_val": 0.8}, "hardtanh",
+     {"min_val": -0.5, "max_val": 0.8}),
+    (nn.Hardtanh(-0.3, 1.1), None, "hardtanh", {"min_val": -0.3, "max_val": 1.1}),
+    (nn.ReLU6(inplace=True), None, "relu6", None),  # nn.Hardtanh's subclass: relu6
+    ("relu6", None, "relu6", None),
+    (nn.Hardswish, None, "hardswish", None),
+    ("hard_sigmoid", None, "hardsigmoid", None),  # timm's names
+    ("hard_swish", None, "hardswish", None),
+    (nn.Hardsigmoid(), None, "hardsigmoid", None),
+    (nn.Mish, None, "mish", None),
+    (nn.CELU(alpha=0.5), None, "celu", {"alpha": 0.5}),
+    ("selu", None, "selu", None),
+    ("quick_gelu", None, "quick_gelu", None),
+    ("hard_mish", None, "hard_mish", None),
+], ids=["relu", "SiLU", "swish", "GELU-tanh", "LeakyReLU", "ELU-instance", "Hardtanh",
+        "Hardtanh-instance", "ReLU6-instance", "relu6", "Hardswish", "hard_sigmoid",
+        "hard_swish", "Hardsigmoid-instance", "Mish", "CELU-instance", "selu", "quick_gelu",
+        "hard_mish"])
 def test_batchnormact_trains_like_torchs_layers(dim, act_layer, act_kwargs, activation, kwargs,
                                                 device, launches):
     torch.manual_seed(1)
@@ -95,37 +112,63 @@ def test_batchnormact_is_torchs_class_and_state_dict(dim):
     assert "act=leaky_relu(negative_slope=0.1), memory_efficient=True" in repr(
         OURS[dim](C, act_layer="leaky_relu", act_kwargs={"negative_slope": 0.1},
                   memory_efficient=True))
+    assert "act=hardtanh(min_val=-2.0, max_val=0.5)" in repr(
+        OURS[dim](C, act_layer=nn.Hardtanh(-2.0, 0.5)))
+    assert "act=celu(alpha=0.5), memory_efficient=True" in repr(
+        OURS[dim](C, act_layer="celu", act_kwargs={"alpha": 0.5}, memory_efficient=True))
+    assert repr(OURS[dim](C, act_layer=nn.ReLU6)).endswith(", act=relu6)")
 
 
-def test_batchnormact_passes_torchs_other_keywords_on(device, launches):
-    """Keywords of torch's BatchNorm beyond timm's signature (bias=False in torch 2.13) reach
-    torch's constructor: accepted where torch accepts them, with the same parameters, and
-    refused with torch's TypeError where it does not."""
-    try:
-        theirs = nn.BatchNorm2d(C, bias=False, device=device)
-    except TypeError:
-        with pytest.raises(TypeError, match="bias"):
-            bn_triton.BatchNormAct2d(C, bias=False)
-        return
-    ours = bn_triton.BatchNormAct2d(C, bias=False, act_layer="silu", device=device)
-    assert ours.bias is None and list(ours.state_dict()) == list(theirs.state_dict())
-    x = torch.randn(4, C, 5, 5, device=device)
-    torch.testing.assert_close(ours(x), F.silu(theirs(x)))
-    assert launches.forward_calls() == 1
-    with pytest.raises(TypeError, match="unexpected keyword"):
-        bn_triton.BatchNormAct2d(C, no_such_argument=1)
+def test_activation_parameters_are_attributes(device, launches):
+    """hardtanh's two bounds are the layer's activation_param and activation_param2, which
+    the forward reads (as fusion, convert_batchnorm and state copies set them); a layer
+    pickled before activation_param2 existed (no such attribute) computes as before."""
+    layer = bn_triton.BatchNormAct2d(C, act_layer=nn.Hardtanh(-0.5, 0.25)).to(device)
+    assert (layer.activation, layer.activation_param, layer.activation_param2) == (
+        "hardtanh", -0.5, 0.25)
+    assert bn_triton.BatchNormAct2d(C, act_layer=nn.ReLU6).activation_param2 == 0.0
+    x = torch.randn(3, C, 5, 6, device=device)
+    torch.testing.assert_close(layer(x), F.hardtanh(F.batch_norm(x, None, None, training=True),
+                                                    -0.5, 0.25), **TOL)
+    layer.activation_param2 = 0.75  # set as an attribute, as convert.py copies it
+    torch.testing.assert_close(layer(x), F.hardtanh(F.batch_norm(x, None, None, training=True),
+                                                    -0.5, 0.75), **TOL)
+    old = bn_triton.BatchNormAct2d(C, act_layer="leaky_relu").to(device)
+    del old.__dict__["activation_param2"]
+    torch.testing.assert_close(old(x), F.leaky_relu(F.batch_norm(x, None, None, training=True)),
+                               **TOL)
+    assert "activation_param2" not in copy.deepcopy(old).__dict__
+    assert launches.forward_calls() == 3
 
 
-def test_memory_efficient_layer_keeps_the_output_only(device, launches):
-    ours = bn_triton.BatchNormAct2d(C, act_layer=nn.LeakyReLU, memory_efficient=True).to(device)
-    x = torch.randn(3, C, 5, 6, device=device, requires_grad=True)
-    packed = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
-        y = ours(x)
-    big = [t for t in packed if t.numel() == x.numel()]
-    assert len(big) == 1 and big[0].data_ptr() == y.data_ptr()
-    y.sum().backward()
-    assert x.grad is not None and launches.backward_calls() == 1
+def test_epilogue_maps_torchs_modules_and_functions(device, launches):
+    """MODULES by exact type (nn.ReLU6 subclasses nn.Hardtanh), activation_of_module with the
+    module's parameters, torch_activation as torch's own functions; a layer built from each
+    module computes what the module does after torch's batch norm."""
+    from bn_triton.epilogue import MODULES, Activation, activation_of_module
+
+    assert issubclass(nn.ReLU6, nn.Hardtanh)
+    assert activation_of_module(nn.CELU(0.0)) is None  # left to torch's module to refuse
+
+    class MyHardtanh(nn.Hardtanh):
+        pass
+
+    assert activation_of_module(MyHardtanh()) is None  # a subclass may compute otherwise
+    cases = [(nn.ReLU6(), Activation("relu6")),
+             (nn.Hardtanh(-2.0, 3.0), Activation("hardtanh", -2.0, 3.0)),
+             (nn.Hardtanh(), Activation("hardtanh", -1.0, 1.0)),
+             (nn.CELU(0.3), Activation("celu", 0.3))]
+    cases += [(cls(), Activation(MODULES[cls])) for cls in (nn.Hardswish, nn.Hardsigmoid,
+                                                            nn.Mish, nn.SELU)]
+    x = torch.randn(3, C, 5, 6, device=device) * 2
+    t = torch.linspace(-8, 8, 97, dtype=torch.float64)
+    for module, activation in cases:
+        assert activation_of_module(module) == activation, module
+        assert torch.equal(torch_activation(activation)(t), module(t)), activation
+        layer = bn_triton.BatchNormAct2d(C, act_layer=module).to(device)
+        torch.testing.assert_close(layer(x), module(F.batch_norm(x, None, None, training=True)),
+                                   **TOL, msg=lambda m: f"{module}: {m}")
+    assert launches.forward_calls() == len(cases)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -133,7 +176,14 @@ def test_memory_efficient_layer_keeps_the_output_only(device, launches):
     (dict(act_layer=nn.Softplus), "act_layer must be"),
     (dict(act_layer="relu", memory_efficient=True), "invertible"),
     (dict(act_layer=nn.GELU, act_kwargs={"approximate": "erf"}), "approximate"),
-], ids=["unknown-name", "unknown-class", "saving-relu", "bad-approximate"])
+    (dict(act_layer=nn.Hardtanh, act_kwargs={"min_val": 1.0, "max_val": 0.0}),
+     "greater than min_val"),
+    (dict(act_layer=nn.ReLU6, act_kwargs={"max_val": 5.0}), "takes no parameters"),
+    (dict(act_layer="relu6", memory_efficient=True), "invertible"),
+    (dict(act_layer=nn.Hardsigmoid, memory_efficient=True), "invertible"),
+    (dict(act_layer=nn.CELU(alpha=0.0)), "not an activation bn_triton fuses"),
+], ids=["unknown-name", "unknown-class", "saving-relu", "bad-approximate", "hardtanh-bounds",
+        "relu6-parameter", "saving-relu6", "saving-hardsigmoid", "celu-alpha-0"])
 def test_batchnormact_rejects_what_it_cannot_fuse(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bn_triton.BatchNormAct2d(C, **kwargs)

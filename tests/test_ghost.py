@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import bn_triton
 from bn_triton import reference
+from bn_triton.epilogue import parse_activation, torch_activation
 from bn_triton.functional import composed_ghost_batch_norm
 from conftest import assert_no_worse_than_torch, assert_path, stat_tolerance, tolerance
 
@@ -192,10 +192,17 @@ def test_gradcheck_float64(device, path, launches):
     assert_path(launches, path)
 
 
+ACTS = {"silu": ("silu", None), "hardtanh": ("hardtanh", {"min_val": -0.4, "max_val": 0.9})}
+
+
+@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
-def test_fused_layer(residual, device, path, launches):
+def test_fused_layer(residual, act, device, path, launches):
+    """The fused layer against the float64 composition; hardtanh's two bounds through the
+    ghost ops."""
+    name, kwargs = ACTS[act]
     layer = make_layer(bn_triton.GhostBatchNormAct2d, 5, 3, torch.float32, device,
-                       act_layer="silu")
+                       act_layer=name, act_kwargs=kwargs)
     x = make_input((8, 5, 4, 4), torch.channels_last, torch.float32, device).requires_grad_()
     r = torch.randn_like(x).requires_grad_() if residual else None
     dy = torch.randn_like(x)
@@ -207,7 +214,7 @@ def test_fused_layer(residual, device, path, launches):
     b64 = layer.bias.detach().double().requires_grad_()
     r64 = r.detach().double().requires_grad_() if residual else None
     z64 = reference.ghost_batch_norm_train(x64, 3, w64, b64)[0]
-    y64 = F.silu(z64 + r64 if residual else z64)
+    y64 = torch_activation(parse_activation(name, kwargs))(z64 + r64 if residual else z64)
     grads64 = torch.autograd.grad(y64, (x64, w64, b64) + ((r64,) if residual else ()),
                                   dy.double())
     torch.testing.assert_close(y.double(), y64, **tolerance(torch.float32))

@@ -9,6 +9,7 @@ import operator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
@@ -99,41 +100,64 @@ def test_opcheck_backward(shape, fmt, dtype, params, training, momentum, device,
 
 
 # The fused epilogue through the same ops: (id, shape, format, dtype, training, activation,
-# parameter, residual format or None, memory_efficient).
+# parameters (activation_param, activation_param2), residual format or None,
+# memory_efficient).
 FUSED_SAMPLES = [
-    ("relu-residual-f32-cl", (4, 3, 5, 5), "channels_last", torch.float32, True, "relu", 0.0,
+    ("relu-residual-f32-cl", (4, 3, 5, 5), "channels_last", torch.float32, True, "relu",
+     (0.0, 0.0), "contiguous", False),
+    ("silu-residual-bf16", (4, 3, 5), "contiguous", torch.bfloat16, True, "silu", (0.0, 0.0),
      "contiguous", False),
-    ("silu-residual-bf16", (4, 3, 5), "contiguous", torch.bfloat16, True, "silu", 0.0,
-     "contiguous", False),
-    ("gelu-f64-eval", (2, 3, 4, 5), "contiguous", torch.float64, False, "gelu", 0.0, None,
-     False),
-    ("leaky-saving-f32", (3, 3, 4, 4), "contiguous", torch.float32, True, "leaky_relu", 0.1,
-     None, True),
+    ("gelu-f64-eval", (2, 3, 4, 5), "contiguous", torch.float64, False, "gelu", (0.0, 0.0),
+     None, False),
+    ("leaky-saving-f32", (3, 3, 4, 4), "contiguous", torch.float32, True, "leaky_relu",
+     (0.1, 0.0), None, True),
     ("elu-saving-f16-eval", (2, 3, 2, 3, 4), "channels_last_3d", torch.float16, False, "elu",
-     1.0, None, True),
+     (1.0, 0.0), None, True),
+    # activation_param2: hardtanh's max_val, with its act' from x and the residual.
+    ("hardtanh-residual-f32-cl", (4, 3, 5, 5), "channels_last", torch.float32, True,
+     "hardtanh", (-0.6, 0.9), "contiguous", False),
+    ("hardtanh-f64-eval", (2, 3, 4, 5), "contiguous", torch.float64, False, "hardtanh",
+     (-0.25, 1.5), None, False),
+    ("celu-residual-f16", (4, 3, 5), "contiguous", torch.float16, True, "celu", (0.5, 0.0),
+     "contiguous", False),  # act' from the output
+    ("selu-saving-bf16", (3, 3, 4, 4), "contiguous", torch.bfloat16, True, "selu", (0.0, 0.0),
+     None, True),
+    ("mish-residual-f64", (3, 3, 4, 4), "contiguous", torch.float64, True, "mish",
+     (0.0, 0.0), "contiguous", False),
 ]
 
 
-@pytest.mark.parametrize("shape,fmt,dtype,training,activation,param,residual_fmt,saving",
+@pytest.mark.parametrize("shape,fmt,dtype,training,activation,params,residual_fmt,saving",
                          [pytest.param(*s[1:], id=s[0]) for s in FUSED_SAMPLES])
-def test_opcheck_fused(shape, fmt, dtype, training, activation, param, residual_fmt, saving,
+def test_opcheck_fused(shape, fmt, dtype, training, activation, params, residual_fmt, saving,
                        device, launches):
-    from bn_triton.epilogue import Activation, dz_source
+    from bn_triton.epilogue import Activation, dz_source, torch_activation
 
+    param, param2 = params
     base = forward_args(shape, fmt, dtype, "affine+running", training, 0.1, device)
     residual = (torch.randn(shape, device=device).to(dtype).contiguous(
         memory_format=FORMATS[residual_fmt]) if residual_fmt else None)
-    args = base + (residual, activation, param, saving)
+    # activation_param2 is the ops' last argument, left out where it is 0 (its default).
+    args = base + (residual, activation, param, saving) + ((param2,) if param2 else ())
     result = torch.library.opcheck(FORWARD, args)
     assert set(result.values()) == {"SUCCESS"}, result
     x, weight, bias = base[:3]
     y, mean, invstd = FORWARD(*args)
-    dz_from = dz_source(Activation(activation, param), residual is not None, saving)
+    # The output is the activation's, both parameters included (the float64 composition).
+    z = F.batch_norm(x.double(), base[3].double(), base[4].double(),
+                     weight.double().abs() + 1e-5 if saving else weight.double(),
+                     bias.double(), training, 0.1, 1e-5)
+    z = z + residual.double() if residual is not None else z
+    torch.testing.assert_close(y.double(), torch_activation(Activation(activation, param,
+                                                                       param2))(z),
+                               **tolerance(dtype))
+    dz_from = dz_source(Activation(activation, param, param2), residual is not None, saving)
     saved = dict(input=None if saving else x, output=y if saving or dz_from == "output" else None,
                  residual=residual if dz_from == "x_residual" else None)
     backward = (torch.randn_like(y), saved["input"], saved["output"], saved["residual"], weight,
                 bias, mean, invstd, training, [True, True, True, residual is not None],
-                bias.dtype, residual is not None, activation, param, saving, 1e-5)
+                bias.dtype, residual is not None, activation, param, saving, 1e-5) + (
+                    (param2,) if param2 else ())
     result = torch.library.opcheck(BACKWARD, backward)
     assert set(result.values()) == {"SUCCESS"}, result
     assert launches.forward_calls() > 0 and launches.backward_calls() > 0

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import bn_triton
 from bn_triton import reference
+from bn_triton.epilogue import Activation, torch_activation
 from bn_triton.renorm import RECOMPUTED, renorm_limits, set_renorm_limits
 from conftest import assert_no_worse_than_torch, assert_path, stat_tolerance, tolerance
 
@@ -187,10 +188,12 @@ def test_gradcheck_float64_where_the_limits_hold(device, path, launches):
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
-@pytest.mark.parametrize("act", ["relu", "silu"])
+@pytest.mark.parametrize("act", ["relu", "silu", "hardtanh"])
 def test_fused_layer(act, residual, device, path, launches):
     layer = make_layer(bn_triton.BatchRenormAct2d, 5, torch.float32, device)
     layer.activation = act
+    if act == "hardtanh":  # its two bounds, set as attributes as fusion sets them
+        layer.activation_param, layer.activation_param2 = -0.4, 0.9
     before_mean, before_var = layer.running_mean.clone(), layer.running_var.clone()
     x = make_input((4, 5, 6, 6), torch.channels_last, torch.float32, device).requires_grad_()
     r = torch.randn_like(x).requires_grad_() if residual else None
@@ -206,7 +209,8 @@ def test_fused_layer(act, residual, device, path, launches):
     z64 = reference.batch_renorm_train(x64, before_mean, before_var, w64, b64, R_MAX, D_MAX)[0]
     if residual:
         z64 = z64 + r64
-    y64 = getattr(F, act)(z64)
+    y64 = torch_activation(Activation(act, layer.activation_param,
+                                      layer.activation_param2))(z64)
     grads64 = torch.autograd.grad(y64, (x64, w64, b64) + ((r64,) if residual else ()),
                                   dy.double())
     torch.testing.assert_close(y.double(), y64, **tolerance(torch.float32))

@@ -9,10 +9,10 @@ import copy
 import multiprocessing
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import bn_triton
+from bn_triton.epilogue import parse_activation, torch_activation
 
 import sync_workers
 
@@ -54,7 +54,8 @@ def slices(sizes):
     return bounds
 
 
-def case(shape, sizes, fmt=torch.contiguous_format, momentum=0.1, act=None, residual=False):
+def case(shape, sizes, fmt=torch.contiguous_format, momentum=0.1, act=None, residual=False,
+         act_kwargs=None):
     """A batch of sum(sizes) samples, cut into one slice per rank, and torch's layer for it."""
     C = shape[1]
     N = sum(sizes)
@@ -65,7 +66,7 @@ def case(shape, sizes, fmt=torch.contiguous_format, momentum=0.1, act=None, resi
         layer.weight.uniform_(0.5, 1.5), layer.bias.normal_()
         layer.running_mean.normal_(), layer.running_var.uniform_(0.5, 2.0)
     return dict(x=torch.randn(full) * 2 + 1, dy=torch.randn(full), slices=slices(sizes),
-                format=fmt, momentum=momentum, act=act,
+                format=fmt, momentum=momentum, act=act, act_kwargs=act_kwargs,
                 residual=torch.randn(full) if residual else None,
                 state=copy.deepcopy(layer.state_dict()), layer=layer)
 
@@ -83,7 +84,7 @@ def sendable(cases):
 def reference(case):
     """One process, the whole batch: torch's layer (and its activation), two steps."""
     layer = copy.deepcopy(case["layer"])
-    act = {None: lambda t: t, "relu": F.relu, "silu": F.silu}[case["act"]]
+    act = torch_activation(parse_activation(case["act"], case["act_kwargs"]))
     steps = []
     for _ in range(2):
         x = case["x"].clone().contiguous(memory_format=case["format"]).requires_grad_()
@@ -141,6 +142,9 @@ def test_two_ranks_uneven_batches(tmp_path):
         "momentum-none": case((0, 3, 4, 4), [4, 2], momentum=None),
         "act-residual": case((0, 3, 4, 5), [3, 2], act="relu", residual=True),
         "silu": case((0, 4, 6), [2, 5], act="silu"),
+        # Two parameters through the sync ops; act' from x and the residual.
+        "hardtanh-residual": case((0, 3, 4, 5), [2, 3], act="hardtanh", residual=True,
+                                  act_kwargs={"min_val": -0.3, "max_val": 1.2}),
     }
     results = spawn(2, "layer_step", {"cases": sendable(cases)}, tmp_path)
     check_layer_results(cases, results)

@@ -37,7 +37,9 @@ def _torch_fused(x, running_mean, running_var, weight, bias, training, residual=
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("activation,residual", [(None, False), ("relu", True), ("silu", False),
-                                                 ("gelu", True)])
+                                                 ("gelu", True), ("hardtanh", True),
+                                                 ("mish", False), ("hardswish", True),
+                                                 ("celu", True)])
 def test_jvp_matches_torch(dtype, training, activation, residual, launches):
     x, weight, bias, (tx, tw, tb) = _data(dtype)
     r = torch.randn_like(x) if residual else None
@@ -237,7 +239,7 @@ def test_compiled_checkpoint_counts_once(launches):
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("activation", [None, "silu", "relu"])
+@pytest.mark.parametrize("activation", [None, "silu", "relu", "hardtanh", "mish", "selu"])
 def test_jacfwd_and_hessian_match_torch(training, activation, launches):
     """jacfwd (vmap of jvp) and hessian (jacfwd of jacrev) of a loss through the layer's
     function, against torch's, in float64."""

@@ -402,6 +402,39 @@ def test_sync_ops_ensemble_with_one_rank(momentum, one_rank_group, launches):
         torch.testing.assert_close(stacked, looped, **STAT_TOL, msg=f"sync buffer {name}")
 
 
+def test_sync_fused_ops_rules_with_a_batched_residual(one_rank_group, launches):
+    """The sync ops' rules with the epilogue: a batched residual folds in with the input
+    (batch_norm_forward's slot of the residual, past group_name), and hardtanh's two bounds
+    reach the kernels, forward and backward, against torch's per sample."""
+    from bn_triton.sync import sync_group_name
+    x, r = torch.randn(B, N, C, H), torch.randn(B, N, C, H)
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    group_name = sync_group_name(bn_triton.SyncBatchNorm(C))
+    bounds = (-0.5, 0.7)
+
+    def forward(x, r):
+        return torch.ops.bn_triton.sync_batch_norm_forward(
+            x, w, b, None, None, None, 0.1, 1e-5, group_name, r, "hardtanh", bounds[0], False,
+            bounds[1])
+
+    y, mean, invstd, count = vmap(forward, out_dims=(0, 0, 0, None))(x, r)
+    assert launches.forward_calls() == 1
+    dy = torch.randn(B, N, C, H)
+    grads = vmap(lambda dy, x, r, mean, invstd: torch.ops.bn_triton.sync_batch_norm_backward(
+        dy, x, None, r, w, b, mean, invstd, count, [True, True, True, True], b.dtype,
+        group_name, True, "hardtanh", bounds[0], False, 1e-5, bounds[1]))(
+            dy, x, r, mean, invstd)
+    assert launches.backward_calls() == 1
+    for i in range(B):
+        xi, ri = x[i].clone().requires_grad_(), r[i].clone().requires_grad_()
+        wi, bi = w.clone().requires_grad_(), b.clone().requires_grad_()
+        yi = F.hardtanh(F.batch_norm(xi, None, None, wi, bi, True) + ri, *bounds)
+        torch.testing.assert_close(y[i], yi, **TOL, msg=f"sample {i}: output")
+        theirs = torch.autograd.grad(yi, (xi, wi, bi, ri), dy[i])
+        for name, ours, want in zip(("input", "weight", "bias", "residual"), grads, theirs):
+            torch.testing.assert_close(ours[i], want, **TOL, msg=f"sample {i}: grad_{name}")
+
+
 def test_sync_backward_op_rule_with_one_rank(one_rank_group, launches):
     """The sync backward op's rule, the op vmapped directly over a batch of grad_outputs
     (one all_reduce of B·C channels' sums), equal to torch's gradients one by one. (Through
@@ -426,10 +459,11 @@ def test_sync_backward_op_rule_with_one_rank(one_rank_group, launches):
         torch.testing.assert_close(dw[i], theirs_dw, **TOL, msg=f"sample {i}: grad_weight")
 
 
-@pytest.mark.parametrize("mode", ["silu+residual", "memory_efficient"])
+@pytest.mark.parametrize("mode", ["silu+residual", "memory_efficient", "hardtanh+residual"])
 def test_fused_epilogue_per_sample_gradients(mode, launches):
     """vmap(grad) through the fused epilogue: act(BN(x) + residual), and the memory-saving
-    mode (backward from the output alone), against the same composition of torch's ops."""
+    mode (backward from the output alone), against the same composition of torch's ops;
+    hardtanh's two bounds through the ops' rules."""
     x, r = torch.randn(B, N, C, H), torch.randn(B, N, C, H)
     w, b = torch.rand(C) + 0.5, torch.randn(C)
     eps = 1e-5
@@ -438,6 +472,10 @@ def test_fused_epilogue_per_sample_gradients(mode, launches):
         if mode == "memory_efficient":
             y = bn_triton.batch_norm(x, None, None, w, b, True, activation="leaky_relu",
                                      memory_efficient=True)
+        elif mode == "hardtanh+residual":
+            y = bn_triton.batch_norm(x, None, None, w, b, True, activation="hardtanh",
+                                     activation_kwargs={"min_val": -0.4, "max_val": 0.6},
+                                     residual=r)
         else:
             y = bn_triton.batch_norm(x, None, None, w, b, True, activation="silu", residual=r)
         return y.pow(2).sum()
@@ -445,6 +483,8 @@ def test_fused_epilogue_per_sample_gradients(mode, launches):
     def theirs(w, b, x, r):
         if mode == "memory_efficient":
             y = F.leaky_relu(F.batch_norm(x, None, None, w.abs() + eps, b, True))
+        elif mode == "hardtanh+residual":
+            y = F.hardtanh(F.batch_norm(x, None, None, w, b, True) + r, -0.4, 0.6)
         else:
             y = F.silu(F.batch_norm(x, None, None, w, b, True) + r)
         return y.pow(2).sum()
