@@ -171,6 +171,37 @@ def test_epilogue_maps_torchs_modules_and_functions(device, launches):
     assert launches.forward_calls() == len(cases)
 
 
+def test_batchnormact_passes_torchs_other_keywords_on(device, launches):
+    """Keywords of torch's BatchNorm beyond timm's signature (bias=False in torch 2.13) reach
+    torch's constructor: accepted where torch accepts them, with the same parameters, and
+    refused with torch's TypeError where it does not."""
+    try:
+        theirs = nn.BatchNorm2d(C, bias=False, device=device)
+    except TypeError:
+        with pytest.raises(TypeError, match="bias"):
+            bn_triton.BatchNormAct2d(C, bias=False)
+        return
+    ours = bn_triton.BatchNormAct2d(C, bias=False, act_layer="silu", device=device)
+    assert ours.bias is None and list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(4, C, 5, 5, device=device)
+    torch.testing.assert_close(ours(x), F.silu(theirs(x)))
+    assert launches.forward_calls() == 1
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        bn_triton.BatchNormAct2d(C, no_such_argument=1)
+
+
+def test_memory_efficient_layer_keeps_the_output_only(device, launches):
+    ours = bn_triton.BatchNormAct2d(C, act_layer=nn.LeakyReLU, memory_efficient=True).to(device)
+    x = torch.randn(3, C, 5, 6, device=device, requires_grad=True)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        y = ours(x)
+    big = [t for t in packed if t.numel() == x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == y.data_ptr()
+    y.sum().backward()
+    assert x.grad is not None and launches.backward_calls() == 1
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(act_layer="swishy"), "unknown activation"),
     (dict(act_layer=nn.Softplus), "act_layer must be"),
