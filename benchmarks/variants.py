@@ -25,12 +25,13 @@ path on both alike.)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+from .host import forced_split
 
 EXTRA_FRACTION = 0.01
 RUN_CHANNEL_BYTES = 32
@@ -42,19 +43,6 @@ CASES = [
     ("split NCHW", (4, 8, 32, 32), False, True),
     ("split NHWC", (4, 8, 32, 32), True, True),
 ]
-
-
-@contextlib.contextmanager
-def forced_split(force: bool):
-    from bn_triton import plan
-
-    saved = plan.MAX_SLAB_FORWARD, plan.MAX_SLAB_BACKWARD
-    if force:
-        plan.MAX_SLAB_FORWARD = plan.MAX_SLAB_BACKWARD = 0
-    try:
-        yield
-    finally:
-        plan.MAX_SLAB_FORWARD, plan.MAX_SLAB_BACKWARD = saved
 
 
 def step_traffic(layer, x) -> dict:
