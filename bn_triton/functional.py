@@ -1,5 +1,6 @@
 """bn_triton.batch_norm: torch.nn.functional.batch_norm's signature, semantics and errors,
 computed by the Triton kernels."""
+import math
 from typing import Mapping, Optional
 
 import torch
@@ -176,7 +177,12 @@ def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tens
     locally, as torch's SyncBatchNorm allows it."""
     if training:
         size = input.size()
-        values_per_channel = size[0] * (torch.Size(size[2:]).numel() if input.dim() > 2 else 1)
+        if input.dim() > 2:
+            channels = size[1]  # numel // C: a tenth of the cost of building torch.Size(size[2:])
+            values_per_channel = (input.numel() // channels if channels
+                                  else size[0] * math.prod(size[2:]))
+        else:
+            values_per_channel = size[0]
         if values_per_channel == 1 and not synced:
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got input size {size}")
@@ -198,10 +204,11 @@ def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tens
             if t is None:
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
     channels = input.size(1) if input.dim() > 1 else 0
-    given = [(name, t) for name, t in (("weight", weight), ("bias", bias),
-                                       ("running_mean", running_mean),
-                                       ("running_var", running_var)) if t is not None]
+    given = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+             ("running_var", running_var))
     for name, t in given:
+        if t is None:
+            continue
         if t.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
         if t.dim() != 1:
@@ -210,15 +217,20 @@ def check_batch_norm_args(input: torch.Tensor, running_mean: Optional[torch.Tens
     if input.dim() < 2:
         raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
     device, dtype = input.device, input.dtype
-    param_dtypes = set()
+    param_dtype, mixed = None, False
     for name, t in given:
+        if t is None:
+            continue
         if t.device != device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is on "
                                f"{t.device} and input is on {device}")
-        param_dtypes.add(t.dtype)
-    if param_dtypes and (len(param_dtypes) > 1 or not (
-            param_dtypes <= ({dtype, torch.float32} if dtype in _HALF_DTYPES else {dtype}))):
-        found = ", ".join(f"{name}={t.dtype}" for name, t in given)
+        if param_dtype is None:
+            param_dtype = t.dtype
+        elif t.dtype != param_dtype:
+            mixed = True
+    if param_dtype is not None and (mixed or not (
+            param_dtype == dtype or (param_dtype == torch.float32 and dtype in _HALF_DTYPES))):
+        found = ", ".join(f"{name}={t.dtype}" for name, t in given if t is not None)
         raise RuntimeError(f"mixed dtype: weight, bias, running_mean and running_var must share "
                            f"one dtype, the input's ({dtype})"
                            f"{' or float32' if dtype in _HALF_DTYPES else ''}; got {found}")

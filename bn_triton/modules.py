@@ -40,6 +40,37 @@ def recomputing() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+_MISSING = object()
+
+
+def _buffer(module: nn.Module, name: str):
+    """module.<name> for a buffer: read from the module's _buffers dict, which is where
+    nn.Module.__getattr__ finds it (~1 µs a lookup through __getattr__, a tenth of that
+    here), and through getattr where it is not there (a property or parametrization that a
+    subclass or torch.nn.utils.parametrize put in its place)."""
+    value = module._buffers.get(name, _MISSING)
+    return getattr(module, name) if value is _MISSING else value
+
+
+def _state(module: nn.Module):
+    """(running_mean, running_var, weight, bias) of a batch-norm module, each read as
+    module.<name> would read it (see _buffer), once a call."""
+    buffers, parameters = module._buffers, module._parameters
+    running_mean = buffers.get("running_mean", _MISSING)
+    running_var = buffers.get("running_var", _MISSING)
+    weight = parameters.get("weight", _MISSING)
+    bias = parameters.get("bias", _MISSING)
+    if running_mean is _MISSING:
+        running_mean = module.running_mean
+    if running_var is _MISSING:
+        running_var = module.running_var
+    if weight is _MISSING:
+        weight = module.weight
+    if bias is _MISSING:
+        bias = module.bias
+    return running_mean, running_var, weight, bias
+
+
 class _TritonBatchNorm:
     """forward() of torch's _BatchNorm, line for line, on bn_triton's kernels. Everything else
     (constructor, buffers, _check_input_dim, state_dict, extra_repr) is torch's own class."""
@@ -60,9 +91,8 @@ class _TritonBatchNorm:
         renorm_limits: Batch Renormalization's (r_max, d_max) in training (renorm.py);
         virtual_batch_size: ghost batch norm's in training (ghost.py)."""
         self._check_input_dim(input)
-        # Each parameter and buffer read once: nn.Module.__getattr__ is ~1 µs a lookup.
-        running_mean, running_var = self.running_mean, self.running_var
-        weight, bias, training = self.weight, self.bias, self.training
+        running_mean, running_var, weight, bias = _state(self)
+        training = self.training
         bn_training = training or (running_mean is None and running_var is None)
         # A forward recomputed by activation checkpointing counts nothing: the batch was
         # counted by the forward it repeats (see recomputing). Batch statistics normalize it,
@@ -81,7 +111,7 @@ class _TritonBatchNorm:
         momentum = 0.0 if self.momentum is None else self.momentum
         num_batches_tracked = None
         if training and tracking:
-            counter = self.num_batches_tracked
+            counter = _buffer(self, "num_batches_tracked")
             if counter is not None:
                 counter.add_(1)
                 if self.momentum is None:

@@ -263,10 +263,9 @@ def _launch(name, kernel, grid, num_warps, device, constants, tensors) -> None:
 
 def _through_triton(kernel, grid, num_warps, device, constants, tensors):
     """Triton's own launch (JITFunction.run, or the Autotuner's): its compiled kernel."""
-    arguments = {**constants, **tensors}
     if isinstance(kernel, TunedKernel):
-        return kernel(grid, device, arguments)
-    return kernel[grid](**arguments, num_warps=num_warps)
+        return kernel(grid, device, {**constants, **tensors})
+    return kernel[grid](**constants, **tensors, num_warps=num_warps)
 
 
 def make_direct_launches(launchers: dict) -> Tuple[dict, dict]:

@@ -136,6 +136,46 @@ def test_observed(observer, monkeypatch):
         assert library.observed(x.as_subclass(Tagged))
 
 
+def test_a_dead_functorch_wrapper_takes_the_ops_route(routes, launches):
+    """A tensor that escaped a finished torch.func transform is a functorch wrapper whose
+    level is gone: autograd.Function.apply unwraps it, which the eager route's direct C apply
+    does not, so it goes through the ops. Same result as torch's module."""
+    leaked = []
+    torch.func.grad(lambda t: leaked.append(t) or t.sum())(torch.randn(4, 3, 2, 2))
+    (dead,) = leaked
+    assert library.observed(dead)
+    layer, reference = bn_triton.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    torch.testing.assert_close(layer(dead), reference(dead))
+    assert routes == {"ops": 1, "eager": 0}
+    assert launches.forward_calls() == 1
+    torch.testing.assert_close(layer.running_var, reference.running_var)
+
+
+class Doubled(torch.nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_parametrized_weight_is_read_as_the_module_reads_it(routes, launches):
+    """torch.nn.utils.parametrize moves weight out of _parameters behind a property: the
+    layer's fast reads of its parameters and buffers fall back to the attribute, as
+    torch's module reads it, and the gradient reaches the original."""
+    import torch.nn.utils.parametrize as parametrize
+
+    layer, reference = bn_triton.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    for module in (layer, reference):
+        parametrize.register_parametrization(module, "weight", Doubled())
+    assert "weight" not in layer._parameters
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    y, expected = layer(x), reference(x)
+    torch.testing.assert_close(y, expected)
+    assert routes["eager"] == 1 and launches.forward_calls() == 1
+    (ours,) = torch.autograd.grad(y.square().sum(), layer.parametrizations.weight.original)
+    (theirs,) = torch.autograd.grad(expected.square().sum(),
+                                    reference.parametrizations.weight.original)
+    torch.testing.assert_close(ours, theirs)
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_jit_trace_records_the_op():
     layer = bn_triton.BatchNorm2d(3).eval()
