@@ -154,7 +154,7 @@ def _counted(args, selected) -> int:
     payload = dict(
         kind="cpu-counted", meta=meta,
         what=("bn_triton's launches per call and bytes requested per element of x (in element "
-              "sizes), counted by bn_triton.traffic under Triton's CPU interpreter: every "
+              "sizes), counted by bn_triton.ops.traffic under Triton's CPU interpreter: every "
               "tl.load/tl.store, mask-true elements x element size, summed over programs. Not a "
               "timing and not DRAM traffic (no caches)."),
         minimum=cases_module.MIN_BYTES, two_pass=cases_module.TWO_PASS_BYTES,

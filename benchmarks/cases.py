@@ -140,7 +140,7 @@ def select(patterns: Optional[Sequence[str]] = None) -> List[Case]:
 # Elements of x the interpreter is given per case: ~2-3 s per counted call on one CPU core.
 INTERPRETER_BUDGET = 2 ** 17
 # A scaled large-M case keeps more values per channel than the largest one-pass slab holds
-# (bn_triton.plan.MAX_SLAB_FORWARD, 32768), or its own M if less: a case that takes the split
+# (bn_triton.ops.plan.MAX_SLAB_FORWARD, 32768), or its own M if less: a case that takes the split
 # path at full size takes it scaled, and one whose M ≤ 32768 is not scaled in M at all.
 LARGE_M_FLOOR = 32768 + 1
 

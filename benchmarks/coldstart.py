@@ -92,7 +92,7 @@ def record(setting: str) -> List[Tuple[str, Dict[str, Any], Optional[tuple]]]:
     The launches are the heuristic ones (BN_TRITON_AUTOTUNE=0 is set for this process): the
     tuned kernels' specializations drop num_warps, which their configs set."""
     _check_compiled_triton()
-    from bn_triton import tuning
+    from bn_triton.ops import tuning
 
     ck = _compile_kernels()
     out = []
@@ -115,7 +115,7 @@ def count(launches) -> Dict[str, Any]:
     them in launch order. Where a tuning key has more than one specialization the later ones
     compile only the chosen config: the first surviving one here (run_once's choice); which
     config a GPU picks changes the count only where one specialization falls under two keys."""
-    from bn_triton import tuning
+    from bn_triton.ops import tuning
 
     specs: Dict[str, str] = {}  # canonical specialization -> kernel
     compiled = set()  # (specialization, num_warps or None)
@@ -178,7 +178,9 @@ def time_compiles(launches, repeats: int = 3) -> Dict[str, Any]:
     the process's one-time start (LLVM, the backend); then once from the now warm cache."""
     from triton import knobs
 
-    from bn_triton import kernels, tuning
+    from bn_triton import kernels
+
+    from bn_triton.ops import tuning
 
     ck = _compile_kernels()
     first: Dict[str, Dict[str, Any]] = {}
@@ -262,7 +264,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import triton
 
     import bn_triton
-    from bn_triton import tuning
+    from bn_triton.ops import tuning
     report: Dict[str, Any] = {
         "what": "one ResNet-50 training step's BN layers (12 shapes, forward + backward)",
         "versions": {"bn_triton": bn_triton.__version__, "triton": triton.__version__,

@@ -1,7 +1,7 @@
 """python -m benchmarks.fused: what fusing the activation (and the residual) into the batch norm
 saves, counted without a GPU.
 
-1. Requested bytes and launches per call (bn_triton.traffic under Triton's interpreter, the
+1. Requested bytes and launches per call (bn_triton.ops.traffic under Triton's interpreter, the
    suite's cases scaled as cases.interpreter_shape does): bn_triton's BN alone, BN+ReLU and
    BN+add+ReLU fused, against eager PyTorch's BN -> ReLU and BN -> add -> ReLU, counted as
    BN's two-pass kernel plus one minimal elementwise kernel per op (a model of eager's
@@ -38,7 +38,7 @@ def count_traffic(shape, layout: str, variant: str) -> Dict[str, dict]:
     import torch
 
     import bn_triton
-    from bn_triton import traffic
+    from bn_triton.ops import traffic
 
     from .cases import make_tensor
 
@@ -128,7 +128,7 @@ def memory_rows(shape=(8, 64, 28, 28)) -> List[dict]:
             model = bn_triton.fuse_batchnorm_activations(model)
         if kind == "memory-saving":
             for module in model.modules():
-                if isinstance(module, bn_triton.modules._TritonBatchNormAct):
+                if isinstance(module, bn_triton.nn.modules._TritonBatchNormAct):
                     module.memory_efficient = module is not model.get_submodule("bn3")
         return lambda: model(x)
 

@@ -9,7 +9,7 @@ where bn_triton hands a kernel to Triton (tuning.LAUNCHERS), so what is timed is
 to Triton's launcher; what Triton itself adds per launch on a GPU (its argument binder,
 specialization and cache key) is measured separately, on the real kernels with a stand-in
 driver (`launch_cost`), with bn_triton's direct launch of a known compiled kernel
-(bn_triton/compiled.py), and reported next to it. Torch's module runs a tiny CPU tensor
+(bn_triton/ops/compiled.py), and reported next to it. Torch's module runs a tiny CPU tensor
 (its kernel's own time is then negligible), bn_triton's the shape of its case (the plan
 decides slab or split from it; the stub launches nothing).
 
@@ -71,7 +71,7 @@ class NoLaunch:
 @contextlib.contextmanager
 def stubbed_launches():
     """Every launch bn_triton makes, replaced by a NoLaunch; yields the stand-ins by name."""
-    from bn_triton import tuning
+    from bn_triton.ops import tuning
 
     saved = dict(tuning.LAUNCHERS)
     stubs = {name: NoLaunch() for name in saved}
@@ -167,7 +167,7 @@ def measure(number: int = 200) -> List[dict]:
 @contextlib.contextmanager
 def forced_split(force: bool):
     """The plan's slab budgets set to 0 while `force`: every call takes the split path."""
-    from bn_triton import plan
+    from bn_triton.ops import plan
 
     saved = plan.MAX_SLAB_FORWARD, plan.MAX_SLAB_BACKWARD
     if force:
@@ -228,7 +228,7 @@ from benchmarks import standin
 from bn_triton import kernels
 standin.install(kernels)
 standin.Compiled.record = False
-from bn_triton import launch, tuning
+from bn_triton.ops import launch, tuning
 
 calls = []
 def record(name, grid, num_warps, device, constants, **tensors):

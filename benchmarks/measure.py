@@ -12,7 +12,7 @@ autocast). Modes: training forward; backward alone (of a graph built once, grads
 runs); training forward + backward; eval forward under no_grad.
 
 Interpreter (`count_shape`, `count_case`): bn_triton only, on the case's scaled shape
-(cases.interpreter_shape); bn_triton.traffic counts the launches and the bytes the kernels
+(cases.interpreter_shape); bn_triton.ops.traffic counts the launches and the bytes the kernels
 request. A count, not a time.
 
 Callers set TRITON_INTERPRET before this module imports triton (cases.py imports torch only).
@@ -96,7 +96,7 @@ def count_shape(shape: Sequence[int], layout: str, module_name: str, dtype_name:
     """{mode: launches, kernels, bytes_per_element, interpreter_s} of bn_triton's training
     forward, backward (dx, dγ, dβ) and eval forward for one input (float32 parameters)."""
     import bn_triton
-    from bn_triton import traffic
+    from bn_triton.ops import traffic
 
     x, dy = make_inputs(shape, layout, dtype_name, "cpu")
     if bn_triton.backend(x) != "triton-interpreter":

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bn_triton
-from bn_triton import launch
+from bn_triton.ops import launch
 
 STEPS = 3  # steps compared against torch eager
 VARIANTS = ("torch", "bn_triton", "bn_triton.fused", "bn_triton.compile", "torch.compile")
@@ -190,7 +190,7 @@ def run_variant(variant: str, initial: nn.Module, data: list, timed_steps: int, 
     result = {"logits": logits.detach().float(), "grads": trainer.grads(),
               "running_stats": trainer.running_stats(), "first_steps_s": round(first_steps_s, 2)}
     if variant == "bn_triton.fused":
-        result["fused_layers"] = sum(isinstance(m, bn_triton.modules._TritonBatchNormAct)
+        result["fused_layers"] = sum(isinstance(m, bn_triton.nn.modules._TritonBatchNormAct)
                                      for m in trainer.model.modules())
     start = time.perf_counter()
     for index in range(timed_steps):

@@ -4,7 +4,7 @@ stream 0, and compiled kernels whose launch records its arguments instead of run
 
 Used in a fresh process (the kernels must be JIT functions, not interpreted ones) by
 benchmarks/host.py (Triton's and bn_triton's host cost per launch) and tests/test_compiled.py
-(the direct launches of bn_triton/compiled.py against Triton's own). `install()` first, then
+(the direct launches of bn_triton/ops/compiled.py against Triton's own). `install()` first, then
 import bn_triton's launch code.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ flushed, GB/s, % of peak, speedups). extra_info holds the bytes model and GB/s.
 Without a GPU: bn_triton alone, through Triton's interpreter (set below, before triton is
 imported), on the scaled shapes of cases.interpreter_shape, fp32, one round each. Those times
 say nothing about a GPU; extra_info holds the launches and bytes per element counted by
-bn_triton.traffic.
+bn_triton.ops.traffic.
 """
 import os
 
@@ -72,7 +72,7 @@ def test_batch_norm(benchmark, case, dtype, mode, provider):
                 benchmark.extra_info["gbs_median"] = (MIN_BYTES[mode] * numel_bytes
                                                       / stats.stats.median / 1e9)
         else:
-            from bn_triton import traffic
+            from bn_triton.ops import traffic
 
             def counted():
                 with traffic.record() as rec:

@@ -1,5 +1,5 @@
 """The batch-norm variants against batch norm itself: launches and bytes each training step
-requests, counted under Triton's interpreter (bn_triton.traffic), forward and backward, on
+requests, counted under Triton's interpreter (bn_triton.ops.traffic), forward and backward, on
 the slab and the split path, NCHW and channels_last.
 
     python -m benchmarks.variants [--out DIR]
@@ -49,7 +49,7 @@ def step_traffic(layer, x) -> dict:
     """Launches and bytes of one training forward and of its backward."""
     import torch
 
-    from bn_triton import traffic
+    from bn_triton.ops import traffic
 
     x = x.clone().requires_grad_()
     with traffic.record() as forward:

@@ -76,7 +76,7 @@ def shape_sets() -> List[cases.Case]:
 def planned_for(sm_count: int) -> Iterator[None]:
     """Plans made inside the block are those of a GPU with sm_count SMs (the launch layer's
     remembered plans, where it keeps any, are forgotten on the way in and out)."""
-    from bn_triton import launch, plan
+    from bn_triton.ops import launch, plan
 
     def forget():
         remembered = getattr(launch, "_PLANS", None)
@@ -97,7 +97,7 @@ def record(shape: Sequence[int], layout: str, dtype: torch.dtype, sm_count: int,
            training: bool = True) -> List[Dict[str, Any]]:
     """The launches of a training forward and backward (x and dy in `layout`) on meta tensors,
     planned for sm_count SMs: [{"kernel", "grid", "num_warps", "arguments"}]."""
-    from bn_triton import launch as launching
+    from bn_triton.ops import launch as launching
 
     fmt = cases.memory_format(len(shape), layout)
     x = torch.empty(tuple(shape), dtype=dtype, device="meta").contiguous(memory_format=fmt)

@@ -6,11 +6,11 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from . import library
 from .dispatch import TORCH, backend
-from .epilogue import (IDENTITY, Activation, check_memory_efficient, parse_activation,
-                       torch_activation)
-from .plan import accumulation_dtype, kernel_ready
+from .ops import library
+from .ops.epilogue import (IDENTITY, Activation, check_memory_efficient, parse_activation,
+                           torch_activation)
+from .ops.plan import accumulation_dtype, kernel_ready
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -26,7 +26,7 @@ def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
     """Drop-in for torch.nn.functional.batch_norm; with the keywords, the fused
     act(batch_norm(input) + residual) in the launches of batch norm alone.
 
-    activation: None (identity) or a name of bn_triton.epilogue.ACTIVATIONS ("relu",
+    activation: None (identity) or a name of bn_triton.ops.epilogue.ACTIVATIONS ("relu",
     "leaky_relu", "elu", "celu", "selu", "relu6", "hardtanh", "hardsigmoid", "hardswish",
     "hard_mish", "silu", "quick_gelu", "mish", "gelu", "gelu_tanh", "sigmoid", "tanh"), its
     parameters in activation_kwargs ({"negative_slope": 0.01} for leaky_relu, {"alpha": 1.0}
@@ -34,7 +34,7 @@ def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
     residual: a tensor of the input's shape, dtype and device, in any memory format, added
     after the affine and before the activation. memory_efficient: save the output instead of
     the input for backward (In-Place ABN); it scales by |γ| + eps and takes an invertible
-    activation and no residual (see bn_triton.epilogue).
+    activation and no residual (see bn_triton.ops.epilogue).
 
     Runs the Triton kernels where bn_triton.backend(input) says so, the same composition of
     torch's ops otherwise. Bad arguments raise torch's exception types (ValueError for the

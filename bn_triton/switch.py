@@ -32,10 +32,10 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 
-from . import launch
 from .dispatch import INTERPRETED, TORCH, backend
 from .functional import check_batch_norm_args
-from .plan import accumulation_dtype
+from .ops import launch
+from .ops.plan import accumulation_dtype
 
 _library: Optional[torch.library.Library] = None
 

@@ -6,7 +6,7 @@ One launch, whatever the world size, in place of a loop of torch ops over the ra
 ops a rank; 40 at one rank and 152 at eight with the running update, bn_triton issue 16 §4).
 It keeps that loop's numerics exactly: rank order, float64, the same additions and products
 in the same order, so every rank holds the same bits, and so does a rerun. The launch turns
-off FMA contraction (bn_triton/collectives.py), so that a GPU rounds as the interpreter and
+off FMA contraction (bn_triton/ops/collectives.py), so that a GPU rounds as the interpreter and
 the torch loop do; the kernel does a few flops per channel and rank and is latency-bound, so
 contraction would buy nothing. The float64 divisions are IEEE (div.rn.f64) on NVIDIA.
 """

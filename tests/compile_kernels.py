@@ -9,7 +9,7 @@ rejects. Request on stdin, results on stdout, both JSON:
 
 A scenario is one call of bn_triton's front end (functional.apply_batch_norm, then autograd's
 backward for the gradients it asks for) on meta tensors, with JITFunction.run replaced by a
-recorder. The launches recorded are therefore exactly what bn_triton/launch.py produces for that
+recorder. The launches recorded are therefore exactly what bn_triton/ops/launch.py produces for that
 call: plans from make_plan, flags from the arguments, num_warps from tuning.NUM_WARPS. Each launch
 is turned into the specialization a GPU launch would get (below), each distinct one is compiled
 once per target, and for each we report ptxas -v's registers and spills and the PTX's global
@@ -201,7 +201,9 @@ def run_scenario(scenario: Dict[str, Any]) -> List[Tuple[Any, tuple, dict]]:
     import torch
     from triton.runtime.jit import JITFunction
 
-    from bn_triton import functional, launch
+    from bn_triton import functional
+
+    from bn_triton.ops import launch
 
     dtype = getattr(torch, scenario["dtype"])
     param_dtype = getattr(torch, scenario.get("param_dtype") or scenario["dtype"])
@@ -228,7 +230,7 @@ def run_scenario(scenario: Dict[str, Any]) -> List[Tuple[Any, tuple, dict]]:
     def record(self, *args, grid, warmup=False, **kwargs):
         launches.append((self, args, kwargs))
 
-    from bn_triton.epilogue import Activation
+    from bn_triton.ops.epilogue import Activation
     activation = Activation(scenario.get("activation", "identity"), scenario.get("act_param", 0.0),
                             scenario.get("act_param2", 0.0))
     residual = (_meta_tensor(torch, shape, dtype, scenario.get("residual_layout", "contiguous"))
@@ -352,7 +354,7 @@ def main() -> None:
             targets.setdefault(key, set()).update(scenario["targets"])
             if scenario.get("all_configs"):
                 # Every config the GPU autotuner may pick (tuning.TUNING), for sm_90.
-                from bn_triton import tuning
+                from bn_triton.ops import tuning
                 _, configs = tuning.TUNING.get(spec["kernel"], (None, []))
                 for config in configs:
                     options = dict(spec["options"], num_warps=config.num_warps,

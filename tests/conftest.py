@@ -84,7 +84,7 @@ def device() -> str:
 
 class LaunchLog(list):
     """Names of the Triton kernels launched, in order, with counts of the calls they make up:
-    a call takes the slab path (one kernel) or the split path (two), see bn_triton.launch."""
+    a call takes the slab path (one kernel) or the split path (two), see bn_triton.ops.launch."""
 
     def count_of(self, name: str) -> int:
         return sum(1 for launched in self if launched == name)
@@ -113,7 +113,7 @@ def path(request, monkeypatch) -> str:
     """'auto': the plan's choice (slab where whole channels fit in registers); 'split': the
     split path forced for every size, so that both paths see the same cases."""
     if request.param == "split":
-        from bn_triton import plan
+        from bn_triton.ops import plan
         monkeypatch.setattr(plan, "MAX_SLAB_FORWARD", 0)
         monkeypatch.setattr(plan, "MAX_SLAB_BACKWARD", 0)
     return request.param

@@ -18,7 +18,8 @@ import torch
 from triton.runtime.autotuner import Autotuner
 
 import bn_triton
-from bn_triton import kernels, launch, tuning
+from bn_triton import kernels
+from bn_triton.ops import launch, tuning
 from conftest import DEVICE, assert_path
 
 
@@ -108,7 +109,7 @@ CASES = {  # name -> (shape, training, running, fused, channels_last)
 def test_tuned_calls_equal_untuned_and_tune_once(case, monkeypatch, launches, bench):
     shape, training, running, fused, channels_last = CASES[case]
     if shape[2] > 5:  # the split path for every size: the split kernels and their tuning
-        from bn_triton import plan
+        from bn_triton.ops import plan
         monkeypatch.setattr(plan, "MAX_SLAB_FORWARD", 0)
         monkeypatch.setattr(plan, "MAX_SLAB_BACKWARD", 0)
     untuned = _step(shape, training, running, fused, channels_last)
@@ -153,7 +154,7 @@ def test_only_elementwise_kernels_are_tuned():
 def test_every_config_gives_the_same_bits(monkeypatch):
     """Each config of each tuned kernel, forced, on one input: identical outputs. (The
     interpreter ignores num_warps; the GPU check runs this on CUDA, where it does not.)"""
-    from bn_triton import plan
+    from bn_triton.ops import plan
     monkeypatch.setattr(plan, "MAX_SLAB_FORWARD", 0)
     monkeypatch.setattr(plan, "MAX_SLAB_BACKWARD", 0)
     runs, tuning_table = [], dict(tuning.TUNING)

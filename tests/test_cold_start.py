@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from benchmarks import coldstart
-from bn_triton import tuning
+from bn_triton.ops import tuning
 from conftest import DEVICE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +77,7 @@ def test_a_key_with_one_surviving_config_is_not_timed(monkeypatch, launches):
     """A split tile of 4 x 32 values: 8 warps would hold copies, so 4 warps run, untimed (Triton
     3.6's autotuner would time a lone pruned config; TunedKernel does not ask it)."""
     import bn_triton
-    from bn_triton import plan
+    from bn_triton.ops import plan
     monkeypatch.setattr(plan, "MAX_SLAB_FORWARD", 0)
     monkeypatch.setattr(plan, "MAX_SLAB_BACKWARD", 0)
     bench = CountingBench()
@@ -122,7 +122,7 @@ import json, sys
 import torch
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
-from bn_triton import tuning
+from bn_triton.ops import tuning
 
 class Target:  # the one driver call the autotune cache makes
     cc = 90

@@ -151,7 +151,7 @@ for mode, call in MODES.items():
                               param_dtype="float32", **call))
     SCENARIOS.append(scenario(f"slab-{mode}-float32", SLAB, "float32", BOTH, **call))
 
-# The fused epilogue (bn_triton.epilogue): every activation in a forward and a backward
+# The fused epilogue (bn_triton.ops.epilogue): every activation in a forward and a backward
 # kernel, every source of dz, the residual on both paths, the memory-saving mode; sm_90
 # only where an sm_80 build would add nothing the scenarios with both targets show.
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "celu", "selu", "relu6", "hardtanh", "hardsigmoid",

@@ -1,4 +1,4 @@
-"""bn_triton/compiled.py: a launch whose compiled kernel is known skips Triton's binder and is
+"""bn_triton/ops/compiled.py: a launch whose compiled kernel is known skips Triton's binder and is
 launched exactly as Triton would launch it.
 
 The kernels run as JIT functions here (a subprocess without TRITON_INTERPRET) over the stand-in
@@ -24,8 +24,8 @@ from triton.runtime.jit import JITFunction
 from benchmarks import standin
 from bn_triton import kernels
 made = standin.install(kernels)
-from bn_triton import launch, tuning
-from bn_triton.epilogue import Activation
+from bn_triton.ops import launch, tuning
+from bn_triton.ops.epilogue import Activation
 
 tuning.LAUNCHERS.update(tuning.make_launchers(True, tuning.run_once))
 tuning.DIRECT, tuning.DIRECT_SOURCES = tuning.make_direct_launches(tuning.LAUNCHERS)

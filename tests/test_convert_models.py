@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bn_triton
-from bn_triton import epilogue
+from bn_triton.ops import epilogue
 
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 C = 4
@@ -31,7 +31,7 @@ def known(name: str) -> bool:
 
 def fused_layers(model):
     return {name: m.activation for name, m in model.named_modules()
-            if isinstance(m, bn_triton.modules._TritonBatchNormAct)}
+            if isinstance(m, bn_triton.nn.modules._TritonBatchNormAct)}
 
 
 def assert_same_model(fused, reference, shape, device, modes=("train", "train", "eval")):
@@ -50,7 +50,11 @@ def assert_same_model(fused, reference, shape, device, modes=("train", "train", 
         dy = torch.randn_like(ys[1])
         for y in ys:
             y.backward(dy)
-        torch.testing.assert_close(xs[0].grad, xs[1].grad, **TOL,
+        # dx comes back through every layer: float32 rounding alone differs with the CPU's
+        # vector width in torch's own convolutions (1.2e-5 at one of 216 values on an AVX2
+        # machine, measured), so the bound is the parameters' (below).
+        atol = 5 * TOL["atol"] * max(1.0, xs[1].grad.abs().max().item())
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, atol=atol, rtol=TOL["rtol"],
                                    msg=lambda m: f"step {step} dx: {m}")
     theirs = dict(reference.named_parameters())
     for name, p in fused.named_parameters():

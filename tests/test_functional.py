@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import bn_triton
-from bn_triton import launch, plan, reference
+from bn_triton.ops import launch, plan
+from bn_triton import reference
 from conftest import assert_no_worse_than_torch, assert_path, stat_tolerance, tolerance
 
 # (name, shape): curated, not a Cartesian product.

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import bn_triton
-from bn_triton import reference, traffic
-from bn_triton.epilogue import ACTIVATIONS, parse_activation, torch_activation
+from bn_triton import reference
+from bn_triton.ops import traffic
+from bn_triton.ops.epilogue import ACTIVATIONS, parse_activation, torch_activation
 
 from conftest import assert_no_worse_than_torch, assert_path, tolerance
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import bn_triton
 from benchmarks.model_step import Bottleneck  # torchvision's forward: out += identity
-from bn_triton.epilogue import parse_activation, torch_activation
+from bn_triton.ops.epilogue import parse_activation, torch_activation
 
 
 C = 4
@@ -145,7 +145,7 @@ def test_epilogue_maps_torchs_modules_and_functions(device, launches):
     """MODULES by exact type (nn.ReLU6 subclasses nn.Hardtanh), activation_of_module with the
     module's parameters, torch_activation as torch's own functions; a layer built from each
     module computes what the module does after torch's batch norm."""
-    from bn_triton.epilogue import MODULES, Activation, activation_of_module
+    from bn_triton.ops.epilogue import MODULES, Activation, activation_of_module
 
     assert issubclass(nn.ReLU6, nn.Hardtanh)
     assert activation_of_module(nn.CELU(0.0)) is None  # left to torch's module to refuse
@@ -269,7 +269,7 @@ class SmallResNet(nn.Module):
 
 def fused_layers(model):
     return sorted(name for name, m in model.named_modules()
-                  if isinstance(m, bn_triton.modules._TritonBatchNormAct))
+                  if isinstance(m, bn_triton.nn.modules._TritonBatchNormAct))
 
 
 def assert_same_model_training(fused, reference, shape, steps=2, device="cpu"):

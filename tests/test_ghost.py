@@ -10,7 +10,7 @@ import torch
 
 import bn_triton
 from bn_triton import reference
-from bn_triton.epilogue import parse_activation, torch_activation
+from bn_triton.ops.epilogue import parse_activation, torch_activation
 from bn_triton.functional import composed_ghost_batch_norm
 from conftest import assert_no_worse_than_torch, assert_path, stat_tolerance, tolerance
 

@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from triton.runtime.interpreter import InterpreterBuilder
 
 import bn_triton
-from bn_triton import launch, plan, tuning
+from bn_triton.ops import launch, plan, tuning
 from bn_triton.kernels import stats
 
 

@@ -131,7 +131,7 @@ FUSED_SAMPLES = [
                          [pytest.param(*s[1:], id=s[0]) for s in FUSED_SAMPLES])
 def test_opcheck_fused(shape, fmt, dtype, training, activation, params, residual_fmt, saving,
                        device, launches):
-    from bn_triton.epilogue import Activation, dz_source, torch_activation
+    from bn_triton.ops.epilogue import Activation, dz_source, torch_activation
 
     param, param2 = params
     base = forward_args(shape, fmt, dtype, "affine+running", training, 0.1, device)

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from bn_triton import collectives
+from bn_triton.ops import collectives
 
 HERE = Path(__file__).resolve().parent
 EXACT = {"atol": 0, "rtol": 0}

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import bn_triton
 from bn_triton import reference
-from bn_triton.epilogue import Activation, torch_activation
-from bn_triton.renorm import RECOMPUTED, renorm_limits, set_renorm_limits
+from bn_triton.ops.epilogue import Activation, torch_activation
+from bn_triton.nn.renorm import RECOMPUTED, renorm_limits, set_renorm_limits
 from conftest import assert_no_worse_than_torch, assert_path, stat_tolerance, tolerance
 
 # (name, module, shape, memory format)

@@ -7,7 +7,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bn_triton
-from bn_triton import launch, library
+from bn_triton.ops import launch, library
 
 OPS = {"bn_triton.batch_norm_forward.default", "bn_triton.batch_norm_backward.default"}
 

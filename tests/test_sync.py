@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import bn_triton
-from bn_triton.epilogue import parse_activation, torch_activation
+from bn_triton.ops.epilogue import parse_activation, torch_activation
 
 import sync_workers
 

@@ -1,4 +1,4 @@
-"""bn_triton.traffic, and bn_triton's launches and bytes per call against issue 4's targets.
+"""bn_triton.ops.traffic, and bn_triton's launches and bytes per call against issue 4's targets.
 
 First the counter itself, on small kernels defined here whose traffic is known exactly. Then
 bn_triton's training forward, backward (dx, dγ, dβ) and eval forward on small representative
@@ -10,7 +10,7 @@ shapes, counted under the interpreter (per element of x, in element sizes; O(C) 
     eval forward       2, in 1 launch       2, in 1 launch
 
 Issue 4 asks for one pass whenever M ≤ 8192. bn_triton gives it where a channel's values fit a
-program's registers (bn_triton.plan.MAX_SLAB_*: 32768 float32 values forward, 16384 backward):
+program's registers (bn_triton.ops.plan.MAX_SLAB_*: 32768 float32 values forward, 16384 backward):
 with channels strided (NCHW, NCL), N·S padded to powers of two ≤ 32768 forward and ≤ 16384
 backward; with channels contiguous (channels_last, 2-D input), whose rows hold at least 16
 bytes of channels (4 float32, 8 half), M ≤ 8192 (float32) / 4096 (half) forward and 4096 /
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 import bn_triton
-from bn_triton import plan, traffic
+from bn_triton.ops import plan, traffic
 from conftest import DEVICE
 
 needs_interpreter = pytest.mark.skipif(

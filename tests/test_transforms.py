@@ -10,7 +10,7 @@ from torch.func import functional_call, grad, jvp
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import bn_triton
-from bn_triton.epilogue import parse_activation, torch_activation
+from bn_triton.ops.epilogue import parse_activation, torch_activation
 
 from conftest import tolerance
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
 
 import bn_triton
-import bn_triton.batching  # noqa: F401  (imported by the package too: the ops' vmap rules)
+import bn_triton.ops.batching  # noqa: F401  (imported by the package too: the ops' vmap rules)
 from conftest import stat_tolerance, tolerance
 
 TOL = tolerance(torch.float32)
@@ -297,7 +297,7 @@ def test_ensemble_equals_loop(training, momentum, launches):
 @pytest.fixture
 def forward_inputs(monkeypatch):
     """The tensors the forward launches receive: (input, running_mean) of each call."""
-    from bn_triton import launch
+    from bn_triton.ops import launch
     seen = []
     original = launch.batch_norm_forward
 
@@ -406,7 +406,7 @@ def test_sync_fused_ops_rules_with_a_batched_residual(one_rank_group, launches):
     """The sync ops' rules with the epilogue: a batched residual folds in with the input
     (batch_norm_forward's slot of the residual, past group_name), and hardtanh's two bounds
     reach the kernels, forward and backward, against torch's per sample."""
-    from bn_triton.sync import sync_group_name
+    from bn_triton.nn.sync import sync_group_name
     x, r = torch.randn(B, N, C, H), torch.randn(B, N, C, H)
     w, b = torch.rand(C) + 0.5, torch.randn(C)
     group_name = sync_group_name(bn_triton.SyncBatchNorm(C))
@@ -440,7 +440,7 @@ def test_sync_backward_op_rule_with_one_rank(one_rank_group, launches):
     (one all_reduce of B·C channels' sums), equal to torch's gradients one by one. (Through
     grad transforms it needs library.py to run the sync backward op under torch.func as it
     runs batch_norm_backward.)"""
-    from bn_triton.sync import sync_group_name
+    from bn_triton.nn.sync import sync_group_name
     x, w = torch.randn(N, C, H), torch.randn(C)
     group_name = sync_group_name(bn_triton.SyncBatchNorm(C))
     _, mean, invstd, count = torch.ops.bn_triton.sync_batch_norm_forward(
@@ -501,7 +501,7 @@ def test_fused_epilogue_per_sample_gradients(mode, launches):
 def test_jacrev_over_eval_batch_norm_folds_into_n(activation, monkeypatch, launches):
     """jacrev of an eval layer by its input asks for grad_input alone: the backward rule folds
     the rows of the Jacobian into N (a view), one launch."""
-    from bn_triton import launch
+    from bn_triton.ops import launch
     seen = []
     original = launch.batch_norm_backward
 

@@ -21,7 +21,7 @@ import torch
 import triton
 
 from benchmarks import waves
-from bn_triton import plan
+from bn_triton.ops import plan
 
 DTYPES = ("fp32", "bf16", "fp16")
 # The targets are the issue's, not the plan's own constants.
@@ -113,7 +113,7 @@ CHUNKED = (4, 32, 48, 48)
 
 @pytest.fixture
 def short_splits(monkeypatch):
-    from bn_triton import launch
+    from bn_triton.ops import launch
 
     monkeypatch.setattr(plan, "WAVE_BYTES", 0)
     remembered = getattr(launch, "_PLANS", None)  # plans the launch layer keeps, if any

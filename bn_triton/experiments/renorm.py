@@ -23,7 +23,7 @@ running statistics), EVALUATIONS times per run.
 Batch Renorm's r and d are clipped to [1/r_max, r_max] and [-d_max, d_max]; the paper holds
 r_max = 1, d_max = 0 (plain batch norm) for its first 5k steps, then relaxes them linearly to
 reach r_max = 3 at 40k steps and d_max = 5 at 25k. Here those marks are WARMUP, R_FULL and
-D_FULL of the run's steps (bn_triton.renorm.renorm_limits), set on every layer before each step.
+D_FULL of the run's steps (bn_triton.nn.renorm.renorm_limits), set on every layer before each step.
 
 LR, CLASSES_PER_BATCH, measured with the digits on the torch path (the same layers without the
 interpreter, seconds a run) over the mean of the last 5 evaluations, 400 steps: at 0.05, on
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bn_triton
-from bn_triton.renorm import renorm_limits, set_renorm_limits
+from bn_triton.nn.renorm import renorm_limits, set_renorm_limits
 
 from .common import header, pick_device, progress, set_seed
 from .data import Dataset, batches, load

@@ -6,7 +6,7 @@ rank's, combined in rank order by Chan's formula (exact for uneven batches and f
 batch is empty; the same bits on every rank), then the normalize kernel with the fused epilogue.
 Backward: this rank's (Σdz, Σdz·x̂), one all_reduce, then dx; dγ, dβ stay this rank's (DDP
 reduces parameter gradients). The collectives run inside bn_triton's sync ops, so
-torch.compile(fullgraph=True) sees two op calls, as for BatchNorm2d (bn_triton/collectives.py).
+torch.compile(fullgraph=True) sees two op calls, as for BatchNorm2d (bn_triton/ops/collectives.py).
 
 Outside an initialized process group, with a world of one rank, or in eval, a layer computes
 exactly what bn_triton's BatchNorm (BatchNormAct) does. BN_TRITON_SYNC_ALWAYS=1 takes the
@@ -21,11 +21,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .dispatch import TORCH, backend
-from .epilogue import IDENTITY, Activation, torch_activation
-from .functional import apply_batch_norm, check_batch_norm_args, check_epilogue_args
-from .modules import (_matches, _TritonBatchNorm, _TritonBatchNormAct, check_addable,
-                      recomputing, traced_as_leaf)
+from ..dispatch import TORCH, backend
+from ..functional import apply_batch_norm, check_batch_norm_args, check_epilogue_args
+from ..ops.epilogue import IDENTITY, Activation, torch_activation
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
+                      BatchNormAct3d, _matches, _TritonBatchNorm, _TritonBatchNormAct,
+                      check_addable, recomputing, traced_as_leaf)
+
+
+# What SyncBatchNorm.convert_sync_batchnorm and convert_batchnorm(sync=True) turn into
+# bn_triton's sync layers: exactly these classes (a subclass may compute anything).
+_FUSED_CLASSES = (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)
+_TO_SYNC = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNorm1d,
+            BatchNorm2d, BatchNorm3d, *_FUSED_CLASSES)
+
+
+def to_sync(layer: nn.Module, process_group=None) -> bool:
+    """Make `layer` bn_triton's SyncBatchNorm (a BatchNormAct: SyncBatchNormAct) in place,
+    synchronizing over process_group, if it is of one of the _TO_SYNC classes; whether it
+    was."""
+    if type(layer) not in _TO_SYNC:
+        return False
+    layer.__class__ = SyncBatchNormAct if type(layer) in _FUSED_CLASSES else SyncBatchNorm
+    layer.process_group = process_group
+    return True
 
 
 def sync_group_name(layer: nn.SyncBatchNorm) -> Optional[str]:
@@ -80,11 +99,11 @@ class SyncBatchNorm(_TritonSyncBatchNorm, _TritonBatchNorm, nn.SyncBatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
-        """torch's classmethod, to bn_triton's sync layers: convert_batchnorm(module, sync=True,
-        process_group), in place (a fused layer becomes a SyncBatchNormAct)."""
-        from .convert import convert_batchnorm
-
-        return convert_batchnorm(module, sync=True, process_group=process_group)
+        """torch's classmethod, to bn_triton's sync layers: what convert_batchnorm(module,
+        sync=True, process_group) does, in place (a fused layer becomes a SyncBatchNormAct)."""
+        for layer in list(module.modules()):
+            to_sync(layer, process_group)
+        return module
 
     @traced_as_leaf
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .epilogue import Activation
+from ..ops.epilogue import Activation
 from .modules import _TritonBatchNorm, _TritonBatchNormAct, traced_as_leaf
 
 

@@ -58,7 +58,9 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from . import compiled, kernels
+from . import compiled
+
+from .. import kernels
 
 # Warps of a split-path program (slab programs: Plan.slab_num_warps): 16 tile values a thread.
 NUM_WARPS = 4
@@ -112,7 +114,7 @@ def autotune_cache() -> bool:
 def namespace(device: torch.device) -> str:
     """What an autotune entry on disk is keyed on beyond Triton's own key (module docstring):
     this package's version and the name of `device`'s GPU."""
-    from . import __version__
+    from .. import __version__
     gpu = (torch.cuda.get_device_name(device)
            if device.type == "cuda" and torch.cuda.is_available() else str(device.type))
     return f"bn_triton {__version__} on {gpu}"

@@ -6,11 +6,11 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 from torch import fx, nn
 
-from .dispatch import TORCH, backend
-from .epilogue import (ACTIVATIONS, IDENTITY, Activation, activation_of_layer,
-                       check_memory_efficient, torch_activation)
-from .functional import (apply_batch_norm, check_batch_norm_args, check_ghost_args,
-                         composed_batch_norm, composed_batch_renorm, composed_ghost_batch_norm)
+from ..dispatch import TORCH, backend
+from ..functional import (apply_batch_norm, check_batch_norm_args, check_ghost_args,
+                          composed_batch_norm, composed_batch_renorm, composed_ghost_batch_norm)
+from ..ops.epilogue import (ACTIVATIONS, IDENTITY, Activation, activation_of_layer,
+                            check_memory_efficient, torch_activation)
 
 
 def traced_as_leaf(forward: Callable) -> Callable:

@@ -1,6 +1,6 @@
 """Launches and bytes requested by Triton kernels run through Triton's CPU interpreter.
 
-    with bn_triton.traffic.record() as rec:
+    with bn_triton.ops.traffic.record() as rec:
         y = bn_triton.batch_norm(x, running_mean, running_var, training=True)
     rec.n_launches, rec.bytes_loaded, rec.bytes_stored
     rec.per_element(x.numel(), x.element_size())   # {"loaded": 1.0, "stored": 1.0, "total": 2.0}
@@ -99,12 +99,12 @@ def _element_size(ptrs) -> int:
     dtype = ptrs.dtype
     pointee = getattr(dtype, "element_ty", None)
     if pointee is None:
-        raise TrafficError(f"bn_triton.traffic: a load/store through {dtype!r}, not a pointer")
+        raise TrafficError(f"bn_triton.ops.traffic: a load/store through {dtype!r}, not a pointer")
     if hasattr(pointee, "element_ty"):  # a pointer to pointers
         return 8
     bits = getattr(pointee, "primitive_bitwidth", None)
     if bits is None:
-        raise TrafficError(f"bn_triton.traffic: cannot size elements of type {pointee!r}")
+        raise TrafficError(f"bn_triton.ops.traffic: cannot size elements of type {pointee!r}")
     return max(1, bits // 8)  # int1 is stored as one byte
 
 
@@ -122,8 +122,8 @@ def _argument_picker(function: Callable, name: str) -> Callable:
     parameters = list(inspect.signature(function).parameters)[1:]
     if name not in parameters:
         raise TrafficError(
-            f"bn_triton.traffic: {function.__qualname__}{inspect.signature(function)} has no "
-            f"parameter {name!r}: Triton's interpreter changed; bn_triton/traffic.py must follow")
+            f"bn_triton.ops.traffic: {function.__qualname__}{inspect.signature(function)} has no "
+            f"parameter {name!r}: Triton's interpreter changed; bn_triton/ops/traffic.py must follow")
     index = parameters.index(name)
 
     def pick(args, kwargs):
@@ -140,7 +140,7 @@ def _wrap_run(original: Callable, token: object) -> Callable:
         if _STATE.token is not token or not _STATE.recorders or warmup:
             return original(self, *args, grid=grid, warmup=warmup, **kwargs)
         if _STATE.counts is not None:
-            raise TrafficError("bn_triton.traffic: a launch inside a launch")
+            raise TrafficError("bn_triton.ops.traffic: a launch inside a launch")
         _STATE.counts = [0, 0, 0]
         try:
             original(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -160,7 +160,7 @@ def _wrap_compiled_run(original: Callable, token: object) -> Callable:
     def run(self, *args, grid, warmup, **kwargs):
         if _STATE.token is token and _STATE.recorders and not warmup:
             raise TrafficError(
-                f"bn_triton.traffic: kernel {self.fn.__name__} was launched compiled, not "
+                f"bn_triton.ops.traffic: kernel {self.fn.__name__} was launched compiled, not "
                 "interpreted, so its traffic cannot be counted; set TRITON_INTERPRET=1 before "
                 "triton is first imported")
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -198,18 +198,18 @@ def _interpreter():
     value = os.environ.get("TRITON_INTERPRET", "")
     if value.lower() not in _TRUE:
         raise TrafficError(
-            "bn_triton.traffic.record() counts the loads and stores of Triton's CPU interpreter, "
+            "bn_triton.ops.traffic.record() counts the loads and stores of Triton's CPU interpreter, "
             f"which is off (TRITON_INTERPRET={value!r}); set TRITON_INTERPRET=1 before triton is "
             "first imported")
     try:
         import triton
         from triton.runtime import interpreter, jit
     except ImportError as error:
-        raise TrafficError(f"bn_triton.traffic: cannot import Triton's interpreter: {error}") \
+        raise TrafficError(f"bn_triton.ops.traffic: cannot import Triton's interpreter: {error}") \
             from error
     knobs = getattr(triton, "knobs", None)
     if knobs is not None and not knobs.runtime.interpret:
-        raise TrafficError("bn_triton.traffic: triton.knobs.runtime.interpret is False although "
+        raise TrafficError("bn_triton.ops.traffic: triton.knobs.runtime.interpret is False although "
                            "TRITON_INTERPRET is set")
     return interpreter, jit
 
@@ -222,8 +222,8 @@ def _install() -> None:
     missing = [f"triton.runtime.interpreter.{owner}.{attribute}" for owner, attribute in needed
                if attribute not in getattr(getattr(interpreter, owner, None), "__dict__", {})]
     if missing:
-        raise TrafficError("bn_triton.traffic: Triton's interpreter lacks " + ", ".join(missing)
-                           + ": it changed; bn_triton/traffic.py must follow")
+        raise TrafficError("bn_triton.ops.traffic: Triton's interpreter lacks " + ", ".join(missing)
+                           + ": it changed; bn_triton/ops/traffic.py must follow")
     token = object()
     builder = interpreter.InterpreterBuilder
     patches = [(interpreter.InterpretedFunction, "run", lambda f: _wrap_run(f, token)),

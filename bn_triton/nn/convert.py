@@ -12,21 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import epilogue
-from .epilogue import Activation, activation_of_module
+from ..ops import epilogue
+from ..ops.epilogue import Activation, activation_of_module
 from .ghost import (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, GhostBatchNormAct1d,
                     GhostBatchNormAct2d, GhostBatchNormAct3d)
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
                       BatchNormAct3d)
 from .renorm import (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormAct1d,
                      BatchRenormAct2d, BatchRenormAct3d)
+from .sync import SyncBatchNormAct, to_sync
 
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
                  nn.BatchNorm3d: BatchNorm3d}
-_FUSED_CLASSES = (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)
-# What convert_batchnorm(sync=True) turns into bn_triton's sync layers (exactly these classes).
-_TO_SYNC = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNorm1d,
-            BatchNorm2d, BatchNorm3d, *_FUSED_CLASSES)
 # The batch norms fusion may replace: exactly these classes (a subclass may compute anything).
 _FUSED = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d,
           nn.BatchNorm3d: BatchNormAct3d, BatchNorm1d: BatchNormAct1d,
@@ -96,8 +93,6 @@ def convert_batchnorm(module: nn.Module, sync: bool = False,
     helpers that look for it (freeze_batch_norm_2d, convert_sync_batchnorm) would take them
     for plain batch norms and drop the activation. Without timm imported (no model then
     holds its layers) the option does nothing; bn_triton never imports timm."""
-    from .sync import SyncBatchNorm, SyncBatchNormAct
-
     for layer in list(module.modules()):
         if timm and _timm_class(layer, "norm_act") in _TIMM_NORM_ACT:
             target = SyncBatchNormAct if sync else _TIMM_NORM_ACT[type(layer).__name__]
@@ -110,10 +105,8 @@ def convert_batchnorm(module: nn.Module, sync: bool = False,
             _set_activation(layer, activation)
             if sync:
                 layer.process_group = process_group
-        elif sync and type(layer) in _TO_SYNC:
-            layer.__class__ = SyncBatchNormAct if type(layer) in _FUSED_CLASSES \
-                else SyncBatchNorm
-            layer.process_group = process_group
+        elif sync and to_sync(layer, process_group):
+            pass
         elif not sync and type(layer) in _REPLACEMENTS:
             layer.__class__ = _REPLACEMENTS[type(layer)]
     return module

@@ -43,7 +43,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import collectives, double_backward, forward_ad, launch
-from .dispatch import TORCH, backend
+from ..dispatch import TORCH, backend
 from .epilogue import IDENTITY, Activation, dz_source
 from .plan import accumulation_dtype, empty_output
 

@@ -27,8 +27,8 @@ from typing import Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .dispatch import TORCH, backend
-from .epilogue import Activation
+from ..dispatch import TORCH, backend
+from ..ops.epilogue import Activation
 from .modules import _TritonBatchNorm, _TritonBatchNormAct, recomputing, traced_as_leaf
 from .sync import _TritonSyncBatchNorm, sync_group_name
 
